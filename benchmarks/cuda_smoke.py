@@ -1,0 +1,70 @@
+"""Calls every CUDA kernel of pyeccv once at small sizes, and checks the answers.
+
+Run under `compute-sanitizer --tool memcheck` by benchmarks/device_check.sh; with --dry-run (no
+GPU) it only checks that the calls it would make exist.
+"""
+import os
+import sys
+
+import torch
+
+DRY = "--dry-run" in sys.argv or not torch.cuda.is_available()
+
+
+def lsap():
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+    import pyeccv
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for (B, N, M) in [(3, 5, 7), (2, 7, 5), (1, 1, 1), (4, 33, 65)]:
+            cost = torch.rand(B, N, M, generator=g, dtype=dtype)
+            got = pyeccv.batch_linear_sum_assignment(cost.cuda(), num_cols=[M] * (B - 1) + [M - 1]).cpu()
+            for b in range(B):
+                nc = M if b < B - 1 else M - 1
+                r, c = scipy_lsa(cost[b, :, :nc].double().numpy())
+                rows = np.flatnonzero(got[b].numpy() >= 0)
+                assert np.isclose(cost[b].double().numpy()[rows, got[b].numpy()[rows]].sum(),
+                                  cost[b, :, :nc].double().numpy()[r, c].sum()), ("lsap", dtype, B, N, M, b)
+    for force in ("1", "0"):
+        os.environ["PYECCV_LSAP_GLOBAL_STATE"] = force
+        pyeccv.batch_linear_sum_assignment(torch.rand(2, 17, 9, generator=g).cuda())
+    os.environ.pop("PYECCV_LSAP_GLOBAL_STATE")
+    bad = torch.rand(2, 4, 4, generator=g).cuda()
+    bad[1, 0, 0] = float("nan")
+    try:
+        pyeccv.batch_linear_sum_assignment(bad)
+        raise AssertionError("NaN not reported")
+    except ValueError:
+        pass
+
+
+def detr_cost():
+    import pyeccv
+    from pyeccv.reference.hungarian import padded_cost
+
+    g = torch.Generator().manual_seed(1)
+    for focal in (False, True):
+        logits = torch.randn(2, 33, 7, generator=g)
+        boxes = torch.rand(2, 33, 4, generator=g) * 0.5 + 0.2
+        labels = torch.randint(0, 7, (5,), generator=g)
+        tboxes = torch.rand(5, 4, generator=g) * 0.5 + 0.2
+        got = pyeccv.detr_match_cost(logits.cuda(), boxes.cuda(), labels.cuda(), tboxes.cuda(), [5, 0],
+                                     focal=focal).cpu()
+        want = padded_cost(logits, boxes, labels, tboxes, [5, 0], focal=focal)
+        fin = torch.isfinite(want)
+        assert torch.equal(fin, torch.isfinite(got)) and torch.allclose(got[fin], want[fin], atol=1e-5), "detr_cost"
+
+
+CHECKS = [lsap, detr_cost]
+
+if __name__ == "__main__":
+    for fn in CHECKS:
+        if DRY:
+            print(f"[dry-run] would call {fn.__name__}")
+            continue
+        fn()
+        torch.cuda.synchronize()
+        print(f"ok {fn.__name__}")

@@ -1,0 +1,180 @@
+// pybind11 module pyeccv._C: argument plumbing only. Tensors cross as raw addresses (ints)
+// plus sizes and strides in elements; allocation and checks live in pyeccv/ops/.
+// C++ exceptions: std::invalid_argument -> ValueError, std::runtime_error -> RuntimeError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "pyeccv/common.h"
+#include "pyeccv/hungarian.h"
+
+namespace py = pybind11;
+using pyeccv::DType;
+using pyeccv::LsapProblem;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+LsapProblem lsap_problem(uintptr_t cost, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t sb,
+                         int64_t sr, int64_t sc, uintptr_t num_rows, uintptr_t num_cols, bool maximize,
+                         uintptr_t out, uintptr_t status) {
+  LsapProblem p;
+  p.cost = ptr<const void>(cost);
+  p.dtype = static_cast<DType>(dtype);
+  p.batch = batch;
+  p.rows = rows;
+  p.cols = cols;
+  p.stride_batch = sb;
+  p.stride_row = sr;
+  p.stride_col = sc;
+  p.num_rows = ptr<const int64_t>(num_rows);
+  p.num_cols = ptr<const int64_t>(num_cols);
+  p.maximize = maximize;
+  p.col_for_row = ptr<int64_t>(out);
+  p.status = ptr<int32_t>(status);
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyeccv compiled kernels (torch-free core; see csrc/include/pyeccv)";
+  m.def("cuda_compiled", &pyeccv::cuda_compiled, "True when the CUDA kernels were built in");
+  m.def("build_info", &pyeccv::build_info);
+
+#define LSAP_ARGS                                                                                        \
+  py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("sb"), \
+      py::arg("sr"), py::arg("sc"), py::arg("num_rows"), py::arg("num_cols"), py::arg("maximize"),      \
+      py::arg("out"), py::arg("status")
+
+  m.def(
+      "lsap_cpu",
+      [](uintptr_t cost, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t sb, int64_t sr,
+         int64_t sc, uintptr_t nr, uintptr_t nc, bool maximize, uintptr_t out, uintptr_t status, int threads) {
+        const LsapProblem p = lsap_problem(cost, dtype, batch, rows, cols, sb, sr, sc, nr, nc, maximize, out, status);
+        py::gil_scoped_release release;
+        pyeccv::lsap_cpu(p, threads);
+      },
+      LSAP_ARGS, py::arg("num_threads"));
+  // SciPy drop-in for one NumPy matrix: (row_ind, col_ind) int64 arrays. The one binding that
+  // allocates: at SciPy's scale (1-5 us a call) the Python-side allocations and address lookups
+  // would cost more than the solve itself.
+  m.def(
+      "lsap_cpu_scipy",
+      [](py::array cost, bool maximize) {
+        if (cost.ndim() != 2) throw std::invalid_argument("expected a matrix (2-D array)");
+        const bool f64 = py::isinstance<py::array_t<double>>(cost);
+        if (!f64 && !py::isinstance<py::array_t<float>>(cost))
+          throw std::invalid_argument("cost must be float32 or float64");
+        const auto es = static_cast<int64_t>(cost.itemsize());
+        const int64_t n = cost.shape(0), m = cost.shape(1);
+        py::array_t<int64_t> col(n);
+        int32_t status = 0;
+        LsapProblem p;
+        p.cost = cost.data();
+        p.dtype = f64 ? DType::kFloat64 : DType::kFloat32;
+        p.batch = 1;
+        p.rows = n;
+        p.cols = m;
+        p.stride_row = cost.strides(0) / es;
+        p.stride_col = cost.strides(1) / es;
+        p.maximize = maximize;
+        p.col_for_row = col.mutable_data();
+        p.status = &status;
+        {
+          py::gil_scoped_release release;
+          pyeccv::lsap_cpu(p, 1);
+        }
+        if (status == pyeccv::kLsapInvalidEntry) throw std::invalid_argument("matrix contains invalid numeric entries");
+        if (status == pyeccv::kLsapInfeasible) throw std::invalid_argument("cost matrix is infeasible");
+        const int64_t k = std::min(n, m);
+        py::array_t<int64_t> rows(k), cols(k);
+        int64_t* r = rows.mutable_data();
+        int64_t* c = cols.mutable_data();
+        const int64_t* x = col.data();
+        int64_t at = 0;
+        for (int64_t i = 0; i < n && at < k; ++i)
+          if (x[i] >= 0) {
+            r[at] = i;
+            c[at] = x[i];
+            ++at;
+          }
+        return py::make_tuple(rows, cols);
+      },
+      py::arg("cost"), py::arg("maximize"));
+  m.def(
+      "lsap_cpu_threaded_team",
+      [](uintptr_t cost, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t sb, int64_t sr,
+         int64_t sc, uintptr_t nr, uintptr_t nc, bool maximize, uintptr_t out, uintptr_t status, int team) {
+        const LsapProblem p = lsap_problem(cost, dtype, batch, rows, cols, sb, sr, sc, nr, nc, maximize, out, status);
+        py::gil_scoped_release release;
+        pyeccv::lsap_cpu_threaded_team(p, team);
+      },
+      LSAP_ARGS, py::arg("team_size"));
+  m.def(
+      "lsap_cuda_workspace_bytes",
+      [](int dtype, int64_t batch, int64_t rows, int64_t cols) {
+        LsapProblem p;
+        p.dtype = static_cast<DType>(dtype);
+        p.batch = batch;
+        p.rows = rows;
+        p.cols = cols;
+        return pyeccv::lsap_cuda_workspace_bytes(p);
+      },
+      py::arg("dtype"), py::arg("batch"), py::arg("rows"), py::arg("cols"));
+  m.def(
+      "lsap_cuda",
+      [](uintptr_t cost, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t sb, int64_t sr,
+         int64_t sc, uintptr_t nr, uintptr_t nc, bool maximize, uintptr_t out, uintptr_t status,
+         uintptr_t workspace, size_t workspace_bytes, int device, uintptr_t stream) {
+        const LsapProblem p = lsap_problem(cost, dtype, batch, rows, cols, sb, sr, sc, nr, nc, maximize, out, status);
+        py::gil_scoped_release release;
+        pyeccv::lsap_cuda(p, ptr<void>(workspace), workspace_bytes, device, ptr<void>(stream));
+      },
+      LSAP_ARGS, py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"));
+#undef LSAP_ARGS
+
+  m.def(
+      "detr_cost_cpu",
+      [](int dtype, int64_t batch, int64_t queries, int64_t classes, int64_t tmax, uintptr_t logits, int64_t sl_b,
+         int64_t sl_q, int64_t sl_k, uintptr_t boxes, int64_t sb_b, int64_t sb_q, int64_t sb_c, uintptr_t labels,
+         int64_t s_lab, uintptr_t tboxes, int64_t st_t, int64_t st_c, uintptr_t counts, uintptr_t offsets,
+         double w_class, double w_bbox, double w_giou, bool focal, double alpha, double gamma, uintptr_t out,
+         int threads) {
+        pyeccv::DetrCostProblem p;
+        p.dtype = static_cast<DType>(dtype);
+        p.batch = batch;
+        p.queries = queries;
+        p.classes = classes;
+        p.tmax = tmax;
+        p.logits = ptr<const void>(logits);
+        p.sl_b = sl_b;
+        p.sl_q = sl_q;
+        p.sl_k = sl_k;
+        p.boxes = ptr<const void>(boxes);
+        p.sb_b = sb_b;
+        p.sb_q = sb_q;
+        p.sb_c = sb_c;
+        p.labels = ptr<const int64_t>(labels);
+        p.s_lab = s_lab;
+        p.tboxes = ptr<const void>(tboxes);
+        p.st_t = st_t;
+        p.st_c = st_c;
+        p.counts = ptr<const int64_t>(counts);
+        p.offsets = ptr<const int64_t>(offsets);
+        p.w_class = w_class;
+        p.w_bbox = w_bbox;
+        p.w_giou = w_giou;
+        p.focal = focal;
+        p.alpha = alpha;
+        p.gamma = gamma;
+        p.out = ptr<void>(out);
+        py::gil_scoped_release release;
+        pyeccv::detr_cost_cpu(p, threads);
+      });
+}

@@ -1,0 +1,23 @@
+"""pyeccv: fast, exact, drop-in PyTorch ops for the hot cores of six ECCV 2020 papers.
+
+Cores: hungarian (DETR). See README.md for the others' status.
+"""
+from . import interop, ops  # noqa: F401  (importing ops registers the torch.library ops)
+from .ops.hungarian import batch_linear_sum_assignment, detr_match_cost, linear_sum_assignment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_linear_sum_assignment",
+    "detr_match_cost",
+    "linear_sum_assignment",
+    "__version__",
+]
+
+
+def __getattr__(name):  # lazy subpackages: pyeccv.nn, pyeccv.reference, pyeccv.bench
+    import importlib
+
+    if name in ("nn", "reference", "bench", "testing", "optim", "models"):
+        return importlib.import_module(f"pyeccv.{name}")
+    raise AttributeError(f"module 'pyeccv' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""`python -m pyeccv info` and `python -m pyeccv bench ...`."""
+from __future__ import annotations
+
+import platform
+import sys
+from typing import List
+
+OPS = {
+    "hungarian": ["linear_sum_assignment", "batch_linear_sum_assignment", "detr_match_cost"],
+}
+
+
+def _serving(op: str, device: str) -> str:
+    from . import _backend
+
+    if op in ("linear_sum_assignment", "batch_linear_sum_assignment"):
+        if device == "cpu":
+            return "native (C++ JV + shortest augmenting path, OpenMP over the batch)"
+        return "native (CUDA, block per problem)" if _backend.has_cuda_kernels() else "native CPU via host copy"
+    if op == "detr_match_cost":
+        if device == "cpu":
+            return "native (C++ fused, OpenMP over queries)"
+        return "triton (fused)" if _backend.has_triton() else "native (vectorised torch)"
+    return "?"
+
+
+def info_lines() -> List[str]:
+    import torch
+
+    from . import __version__, _backend
+
+    lines = [f"pyeccv {__version__} | python {platform.python_version()} | torch {torch.__version__}"]
+    if _backend.has_native():
+        lines.append(f"_C: {_backend.C().build_info()}")
+    else:
+        lines.append("_C: MISSING (not installed?)")
+    tri = "no"
+    if _backend.has_triton():
+        import importlib.metadata as md
+
+        try:
+            tri = md.version("triton")
+        except md.PackageNotFoundError:
+            tri = "yes"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    lines.append(f"CUDA kernels in _C: {_backend.has_cuda_kernels()} | triton: {tri}"
+                 f"{' (interpreter)' if _backend.triton_interpreter() else ''} | GPU: {gpu}"
+                 f" | torch CUDA: {torch.version.cuda}")
+    lines.append(f"CPU threads: {torch.get_num_threads()}")
+    for core, ops in OPS.items():
+        for op in ops:
+            lines.append(f"  {core:10s} {op:30s} cpu: {_serving(op, 'cpu')}")
+            lines.append(f"  {'':10s} {'':30s} cuda: {_serving(op, 'cuda')}")
+    return lines
+
+
+def main(argv: List[str] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m pyeccv {info,bench} ...\n  info   versions and which backend serves each op\n"
+              "  bench  the benchmark CLI (python -m pyeccv bench --help)")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
+        print("\n".join(info_lines()))
+        return 0
+    if cmd == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
+    print(f"unknown command {cmd!r}; use info or bench", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

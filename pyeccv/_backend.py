@@ -1,0 +1,86 @@
+"""The one place that knows what is available: the compiled core, its CUDA kernels, Triton, a GPU.
+
+Triton is never imported here at module load: only `triton()` imports it, when a CUDA tensor
+(or the interpreter in tests) needs a Triton kernel.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "native", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def C():
+    """The compiled module pyeccv._C (raises ImportError with a hint when it is missing)."""
+    try:
+        return importlib.import_module("pyeccv._C")
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        raise ImportError(
+            "pyeccv._C is missing: pyeccv must be installed (`pip install .`), not imported from "
+            "the source tree"
+        ) from e
+
+
+def has_native() -> bool:
+    try:
+        C()
+        return True
+    except ImportError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_kernels() -> bool:
+    """True when _C was built with nvcc (CUDA kernels compiled in)."""
+    return has_native() and bool(C().cuda_compiled())
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton():
+    """Imports triton lazily; raises a clear error when it is not installed."""
+    if not has_triton():
+        raise RuntimeError("this path needs Triton: pip install 'pyeccv[gpu]' (or triton)")
+    return importlib.import_module("triton")
+
+
+def kernels(core: str):
+    """The Triton kernel module of a core (pyeccv.kernels.<core>), imported lazily."""
+    triton()
+    return importlib.import_module(f"pyeccv.kernels.{core}")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels can run on tensors of this device."""
+    if not has_triton():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpreter()
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream

@@ -1,0 +1,279 @@
+"""Benchmark machinery shared by every core: cases, timing, roofline, memory, table, JSON.
+
+A core module (pyeccv/bench/<core>.py) defines CASES: a list of Case. Each Case builds, for a
+device, a Spec: the implementations to time on the same inputs (the reference, pyeccv's
+backends, installed peers), the bytes that must move (roofline floor), and a check that all of
+them agree before any number is reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+KINDS = ("reference", "pyeccv", "peer")
+
+
+@dataclasses.dataclass
+class Impl:
+    name: str  # e.g. "official", "scipy", "pyeccv", "torch-linear-assignment"
+    kind: str  # "reference" | "pyeccv" | "peer"
+    fn: Callable[[], Any]  # one call on the prepared inputs; returns its output
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Spec:
+    impls: List[Impl]
+    bytes: Optional[float] = None  # bytes that must move at least once (roofline floor)
+    flops: Optional[float] = None  # useful arithmetic, when meaningful
+    check: Optional[Callable[[Dict[str, Any]], Dict[str, str]]] = None  # outputs by name -> status by name
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Case:
+    core: str
+    name: str
+    build: Callable[[str, bool], Optional[Spec]]  # (device, quick) -> Spec or None (not on this device)
+    quick: bool = True  # part of --quick
+    devices: tuple = ("cpu", "cuda")
+
+
+@dataclasses.dataclass
+class Row:
+    core: str
+    case: str
+    device: str
+    impl: str
+    kind: str
+    ms: Optional[float]
+    ms_p20: Optional[float] = None
+    ms_p80: Optional[float] = None
+    reps: int = 0
+    vs_ref: Optional[float] = None  # reference time / this time (higher is faster)
+    vs_peer: Optional[float] = None  # best peer time / this time
+    gbps: Optional[float] = None
+    floor_ms: Optional[float] = None
+    peak_mb: Optional[float] = None
+    status: str = ""
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+
+# ---- machine -----------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> Dict[str, Any]:
+    info = {
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+_BW: Dict[str, float] = {}
+
+
+def bandwidth_gbps(device: str) -> float:
+    """Measured copy bandwidth (read + write) of this device: the roofline's memory slope."""
+    if device in _BW:
+        return _BW[device]
+    n = (256 if device == "cuda" else 64) * 2**20 // 4
+    x = torch.rand(n, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(5):
+        t = _timer(device)
+        with t:
+            y.copy_(x)
+        times.append(t.ms)
+    _BW[device] = 2 * x.numel() * 4 / (min(times) * 1e-3) / 1e9
+    return _BW[device]
+
+
+# ---- timing ------------------------------------------------------------------------------------
+class _timer:
+    def __init__(self, device: str):
+        self.device = device
+        self.ms = 0.0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.a = torch.cuda.Event(enable_timing=True)
+            self.b = torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.b.record()
+            torch.cuda.synchronize()
+            self.ms = self.a.elapsed_time(self.b)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def time_fn(fn: Callable[[], Any], device: str, *, budget_s: float, max_reps: int, min_reps: int = 3):
+    """Median / p20 / p80 ms per call after one warm-up, within a time budget. Calls shorter than
+    a millisecond are looped (timeit style) so each sample spans at least about 1 ms."""
+    out = fn()  # warm-up (compiles, caches) and the output for the agreement check
+    t = _timer(device)
+    with t:
+        fn()
+    number = 1 if t.ms >= 1.0 else min(10000, int(1.0 / max(t.ms, 1e-4)) + 1)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t = _timer(device)
+        with t:
+            for _ in range(number):
+                fn()
+        times.append(t.ms / number)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return out, statistics.median(times), q(0.2), q(0.8), len(times)
+
+
+def _rss_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
+    """Peak memory one call adds: CUDA allocator peak on GPU; RSS high-water mark on Linux CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    fn()
+    peak = _rss_kb("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024
+
+
+# ---- running -----------------------------------------------------------------------------------
+def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], None],
+             max_reps: Optional[int] = None) -> List[Row]:
+    spec = case.build(device, quick)
+    if spec is None:
+        return []
+    budget, reps = (0.4, 5) if quick else (2.0, 30)
+    if max_reps is not None:
+        reps = max_reps
+    rows: List[Row] = []
+    outputs: Dict[str, Any] = {}
+    for impl in spec.impls:
+        progress(f"{case.core}/{case.name} [{device}] {impl.name} ...")
+        try:
+            out, ms, p20, p80, n = time_fn(impl.fn, device, budget_s=budget, max_reps=reps, min_reps=min(3, reps))
+            mem = peak_memory_mb(impl.fn, device)
+            outputs[impl.name] = out
+            rows.append(Row(case.core, case.name, device, impl.name, impl.kind, ms, p20, p80, n, peak_mb=mem,
+                            params=spec.params, note=impl.note))
+        except Exception as e:  # a peer that fails is reported, not fatal
+            rows.append(Row(case.core, case.name, device, impl.name, impl.kind, None, status=f"error: {e}"[:120],
+                            params=spec.params, note=impl.note))
+    statuses = spec.check(outputs) if spec.check is not None else {}
+    ref = next((r.ms for r in rows if r.kind == "reference" and r.ms), None)
+    peers = [r.ms for r in rows if r.kind == "peer" and r.ms]
+    best_peer = min(peers) if peers else None
+    bw = bandwidth_gbps(device) if spec.bytes else None
+    for r in rows:
+        if r.ms:
+            r.vs_ref = ref / r.ms if ref else None
+            r.vs_peer = best_peer / r.ms if best_peer else None
+            if spec.bytes:
+                r.gbps = spec.bytes / (r.ms * 1e-3) / 1e9
+                r.floor_ms = spec.bytes / (bw * 1e9) * 1e3
+        if not r.status:
+            r.status = statuses.get(r.impl, "ok" if r.ms else "")
+    return rows
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: List[Row]) -> str:
+    head = ["case", "dev", "impl", "ms", "vs ref", "vs peer", "GB/s", "floor ms", "peak MB", "check"]
+    body = []
+    for r in rows:
+        body.append([r.case, r.device, r.impl, _fmt(r.ms, ".3f"), _fmt(r.vs_ref, ".2f") + ("x" if r.vs_ref else ""),
+                     _fmt(r.vs_peer, ".2f") + ("x" if r.vs_peer else ""), _fmt(r.gbps, ".1f"),
+                     _fmt(r.floor_ms, ".3f"), _fmt(r.peak_mb, ".1f"), r.status])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 or i == 9 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    return "\n".join(out)
+
+
+def markdown(rows: List[Row]) -> str:
+    out = ["| case | dev | impl | ms | vs ref | vs best peer | GB/s | floor ms | peak MB | check |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        out.append(f"| {r.case} | {r.device} | {r.impl} | {_fmt(r.ms, '.3f')} | {_fmt(r.vs_ref, '.2f')} | "
+                   f"{_fmt(r.vs_peer, '.2f')} | {_fmt(r.gbps, '.1f')} | {_fmt(r.floor_ms, '.3f')} | "
+                   f"{_fmt(r.peak_mb, '.1f')} | {r.status} |")
+    return "\n".join(out)
+
+
+def write_json(path: str, rows: List[Row], argv: List[str]) -> None:
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python -m pyeccv " + " ".join(argv),
+        "machine": machine_info(),
+        "bandwidth_gbps": dict(_BW),
+        "results": [dataclasses.asdict(r) for r in rows],
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+
+
+def stderr_progress(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
