@@ -28,10 +28,13 @@ def lsap():
                 rows = np.flatnonzero(got[b].numpy() >= 0)
                 assert np.isclose(cost[b].double().numpy()[rows, got[b].numpy()[rows]].sum(),
                                   cost[b, :, :nc].double().numpy()[r, c].sum()), ("lsap", dtype, B, N, M, b)
-    for force in ("1", "0"):
-        os.environ["PYECCV_LSAP_GLOBAL_STATE"] = force
-        pyeccv.batch_linear_sum_assignment(torch.rand(2, 17, 9, generator=g).cuda())
+    for team in ("warp", "block"):  # both teams, state in shared and in global memory
+        for force in ("1", "0"):
+            os.environ["PYECCV_LSAP_TEAM"] = team
+            os.environ["PYECCV_LSAP_GLOBAL_STATE"] = force
+            pyeccv.batch_linear_sum_assignment(torch.rand(5, 17, 9, generator=g).cuda())
     os.environ.pop("PYECCV_LSAP_GLOBAL_STATE")
+    os.environ.pop("PYECCV_LSAP_TEAM")
     bad = torch.rand(2, 4, 4, generator=g).cuda()
     bad[1, 0, 0] = float("nan")
     try:

@@ -7,10 +7,19 @@ from .ops.hungarian import batch_linear_sum_assignment, detr_match_cost, linear_
 
 __version__ = "0.1.0"
 
+
+def cmake_prefix_path() -> str:
+    """Prefix for CMake's find_package(pyeccv): the torch-free C++ core (headers + static lib)."""
+    import os
+
+    return os.path.dirname(os.path.abspath(__file__))
+
+
 __all__ = [
     "batch_linear_sum_assignment",
     "detr_match_cost",
     "linear_sum_assignment",
+    "cmake_prefix_path",
     "__version__",
 ]
 

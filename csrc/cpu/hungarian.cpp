@@ -2,6 +2,7 @@
 // OpenMP across the problems of a batch.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -33,16 +34,37 @@ void check_problem(const LsapProblem& p) {
     throw std::invalid_argument("lsap: dtype must be float32 or float64");
 }
 
+// Uninitialised, reusable buffers: the solver writes before it reads, so no zero-filling.
+struct Buffer {
+  std::unique_ptr<unsigned char[]> data;
+  size_t cap = 0;
+  unsigned char* get(size_t n) {
+    if (n > cap) {
+      data.reset(new unsigned char[n]);
+      cap = n;
+    }
+    return data.get();
+  }
+  void trim(size_t keep) {
+    if (cap > keep) {
+      data.reset();
+      cap = 0;
+    }
+  }
+};
+
 struct Scratch {
-  std::vector<unsigned char> cost;   // n x m copy of the problem
-  std::vector<unsigned char> state;  // lsap::State
+  Buffer cost;   // n x m copy of the problem
+  Buffer state;  // lsap::State
+  unsigned char* cost_ptr = nullptr;
+  unsigned char* state_ptr = nullptr;
 };
 
 void reserve(const LsapProblem& p, Scratch& s) {
   const int64_t n = std::min(p.rows, p.cols), m = std::max(p.rows, p.cols);
   const int64_t esize = p.dtype == DType::kFloat64 ? 8 : 4;
-  s.cost.resize(static_cast<size_t>(std::max<int64_t>(1, n * m * esize)));
-  s.state.resize(static_cast<size_t>(lsap::state_bytes(n, m)) + 16);
+  s.cost_ptr = s.cost.get(static_cast<size_t>(std::max<int64_t>(16, n * m * esize)));
+  s.state_ptr = s.state.get(static_cast<size_t>(lsap::state_bytes(n, m)) + 16);
 }
 
 // Scratch kept per thread between calls (small problems pay no allocation); large buffers
@@ -52,9 +74,9 @@ Scratch& thread_scratch() {
   return s;
 }
 void trim(Scratch& s) {
-  constexpr size_t kKeep = size_t(8) << 20;
-  if (s.cost.capacity() > kKeep) std::vector<unsigned char>().swap(s.cost);
-  if (s.state.capacity() > kKeep) std::vector<unsigned char>().swap(s.state);
+  constexpr size_t kKeep = size_t(16) << 20;  // e.g. a 2000 x 2000 float32 problem
+  s.cost.trim(kKeep);
+  s.state.trim(kKeep);
 }
 
 template <class T>
@@ -63,7 +85,7 @@ void run_serial(const LsapProblem& p) {
   Scratch& scratch = thread_scratch();
   reserve(p, scratch);
   for (int64_t b = 0; b < p.batch; ++b)
-    lsap::solve_problem<SerialTeam, T>(team, p, b, reinterpret_cast<T*>(scratch.cost.data()), scratch.state.data());
+    lsap::solve_problem<SerialTeam, T>(team, p, b, reinterpret_cast<T*>(scratch.cost_ptr), scratch.state_ptr);
   trim(scratch);
 }
 
@@ -80,7 +102,7 @@ void run_cpu(const LsapProblem& p, int num_threads) {
     reserve(p, scratch);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < p.batch; ++b)
-      lsap::solve_problem<SerialTeam, T>(team, p, b, reinterpret_cast<T*>(scratch.cost.data()), scratch.state.data());
+      lsap::solve_problem<SerialTeam, T>(team, p, b, reinterpret_cast<T*>(scratch.cost_ptr), scratch.state_ptr);
     trim(scratch);
   }
 #else
@@ -99,7 +121,7 @@ void run_threaded_team(const LsapProblem& p, int team_size) {
     workers.emplace_back([&, tid] {
       const ThreadTeam team(&shared, tid);
       for (int64_t b = 0; b < p.batch; ++b) {
-        lsap::solve_problem<ThreadTeam, T>(team, p, b, reinterpret_cast<T*>(scratch.cost.data()), scratch.state.data());
+        lsap::solve_problem<ThreadTeam, T>(team, p, b, reinterpret_cast<T*>(scratch.cost_ptr), scratch.state_ptr);
         team.sync();
       }
     });

@@ -1,6 +1,10 @@
-// CUDA batched linear sum assignment: one thread block per problem runs the shared solver
-// (common/lsap_solver.h) as a BlockTeam: every column scan is split across the block's
-// threads and every arg-min is a block reduction (warp shuffles, then one slot per warp).
+// CUDA batched linear sum assignment: the shared solver (common/lsap_solver.h) run by a team of
+// GPU threads per problem, cooperating on every column scan and every arg-min:
+//   WarpTeam  one warp per problem, several problems per block: reductions are shuffles only,
+//             barriers are __syncwarp, so each step of a search costs little latency. Used for
+//             DETR-sized problems (the smaller side a few hundred, the larger up to ~1000).
+//   BlockTeam one block per problem (up to 512 threads): reductions are shuffles plus one slot per
+//             warp. Used for large problems, where the column scans dominate.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,6 +33,39 @@ __device__ __forceinline__ R shfl_down(const R& v, int off) {
   memcpy(&out, w, sizeof(R));
   return out;
 }
+
+template <class R>
+__device__ __forceinline__ R shfl_xor(const R& v, int mask) {
+  constexpr int kWords = (sizeof(R) + 3) / 4;
+  int w[kWords];
+  memcpy(w, &v, sizeof(R));
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) w[k] = __shfl_xor_sync(0xffffffffu, w[k], mask);
+  R out;
+  memcpy(&out, w, sizeof(R));
+  return out;
+}
+
+struct WarpTeam {
+  static constexpr bool kSerial = false;
+  __device__ int lane() const { return threadIdx.x & 31; }
+  __device__ bool leader() const { return lane() == 0; }
+  __device__ bool owns(int64_t j) const { return (j & 31) == lane(); }
+  template <class I, class F>
+  __device__ void for_range(I n, F&& f) const {
+    for (I j = lane(); j < n; j += 32) f(j);
+  }
+  __device__ void sync() const { __syncwarp(); }
+  // Butterfly: every lane ends with the full result (op is commutative and associative).
+  template <class R, class Op>
+  __device__ R reduce(const R& local, Op&& op) const {
+    R v = local;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = op(v, shfl_xor(v, off));
+    __syncwarp();  // a reduction is also a barrier (the solver relies on it)
+    return v;
+  }
+};
 
 struct BlockTeam {
   static constexpr bool kSerial = false;
@@ -92,6 +129,21 @@ __global__ void lsap_kernel(LsapProblem p, unsigned char* ws, int64_t per_proble
   lsap::solve_problem(team, p, b, reinterpret_cast<T*>(mine), state);
 }
 
+// One warp per problem, `warps` problems per block; state in shared memory (one slice per warp)
+// unless it does not fit.
+template <class T>
+__global__ void lsap_warp_kernel(LsapProblem p, unsigned char* ws, int64_t per_problem, int64_t cost_bytes,
+                                 int64_t state_bytes, int state_in_smem) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int w = threadIdx.x >> 5;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + w;
+  if (b >= p.batch) return;  // whole warps leave; warp teams never use block barriers
+  const WarpTeam team;
+  unsigned char* mine = ws + b * per_problem;
+  void* state = state_in_smem ? static_cast<void*>(smem + w * state_bytes) : static_cast<void*>(mine + cost_bytes);
+  lsap::solve_problem(team, p, b, reinterpret_cast<T*>(mine), state);
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("pyeccv lsap_cuda: ") + what + ": " + cudaGetErrorString(e));
 }
@@ -113,16 +165,43 @@ struct DeviceGuard {
 template <class T>
 void launch(const LsapProblem& p, unsigned char* ws, int dev, cudaStream_t stream) {
   const Layout l = layout(p);
-  // Threads: about four columns each, one warp minimum (cheap barriers on small problems).
-  int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, (l.m_max / 4 + 31) / 32 * 32)));
   int optin = 0;
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  // Test / tuning knobs: PYECCV_LSAP_GLOBAL_STATE=1 keeps the state in global memory (the path
+  // of huge problems); PYECCV_LSAP_TEAM=warp|block overrides the team choice.
+  const char* force_global = std::getenv("PYECCV_LSAP_GLOBAL_STATE");
+  const bool global_state = force_global != nullptr && force_global[0] == '1';
+  const char* team_env = std::getenv("PYECCV_LSAP_TEAM");
+  bool warp = l.m_max <= 1024 && l.n_max * l.m_max <= 262144;
+  if (team_env != nullptr && std::string(team_env) == "warp") warp = true;
+  if (team_env != nullptr && std::string(team_env) == "block") warp = false;
+
+  if (warp) {
+    int warps = 4;
+    int state_in_smem = 1;
+    int64_t smem = warps * l.state_bytes;
+    while (warps > 1 && smem > optin) smem = --warps * l.state_bytes;
+    if (smem > optin || global_state) {
+      warps = 4;
+      smem = 0;
+      state_in_smem = 0;
+    }
+    auto kernel = lsap_warp_kernel<T>;
+    if (smem > 48 * 1024)
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+            "cudaFuncSetAttribute");
+    const int64_t blocks = (p.batch + warps - 1) / warps;
+    kernel<<<static_cast<unsigned>(blocks), 32 * warps, static_cast<size_t>(smem), stream>>>(
+        p, ws, l.per_problem, l.cost_bytes, l.state_bytes, state_in_smem);
+    check(cudaGetLastError(), "kernel launch");
+    return;
+  }
+
+  // Block team: about four columns per thread.
+  const int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, (l.m_max / 4 + 31) / 32 * 32)));
   int64_t smem = kReduceBytes + l.state_bytes;
   int state_in_smem = 1;
-  // Very large problems keep their state in global memory (L2-resident); tests force this path
-  // on small problems with PYECCV_LSAP_GLOBAL_STATE=1.
-  const char* force = std::getenv("PYECCV_LSAP_GLOBAL_STATE");
-  if (smem > optin || (force != nullptr && force[0] == '1')) {
+  if (smem > optin || global_state) {  // very large problems keep their state in global memory (L2)
     smem = kReduceBytes;
     state_in_smem = 0;
   }

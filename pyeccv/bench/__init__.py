@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from ._core import Case, Row, machine_info, markdown, run_case, stderr_progress, table, write_json
+from ._core import Case, Row, machine_info, markdown, measure_memory, run_case, stderr_progress, table, write_json
 
 CORES = ("hungarian",)
 
@@ -71,14 +71,24 @@ def main(argv: List[str]) -> int:
     print("ms = median; 'vs ref' / 'vs peer' = that time / this time (higher is faster);"
           " floor = bytes that must move / measured copy bandwidth\n")
     rows: List[Row] = []
+    done = []
     jobs = [(c, d) for d in devices for c in selected if d in c.devices]
     t0 = time.perf_counter()
     for k, (case, dev) in enumerate(jobs, 1):
         prefix = f"[{k}/{len(jobs)} {time.perf_counter() - t0:6.1f}s] "
-        got = run_case(case, dev, args.quick, lambda m: stderr_progress(prefix + m), args.repeat)
+        got, spec = run_case(case, dev, args.quick, lambda m: stderr_progress(prefix + m), args.repeat)
         if got:
             print(table(got) + "\n", flush=True)
+            done.append((got, spec, dev))
         rows += got
+    # peak memory: a second pass after every timing (the CPU measurement changes malloc's behaviour)
+    stderr_progress(f"[{time.perf_counter() - t0:6.1f}s] measuring peak memory ...")
+    for got, spec, dev in done:
+        measure_memory(got, spec, dev)
+    if rows:
+        print("peak memory of one call (MB):")
+        print("\n".join(f"  {r.case:24s} {r.device:4s} {r.impl:26s} "
+                        f"{'-' if r.peak_mb is None else format(r.peak_mb, '.1f')}" for r in rows))
     if args.json:
         write_json(args.json, rows, ["bench"] + argv)
     if args.markdown:

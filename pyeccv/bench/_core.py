@@ -172,6 +172,31 @@ def _rss_kb(field: str) -> Optional[int]:
     return None
 
 
+def _malloc_trim() -> None:
+    """Returns glibc's free heap chunks to the OS, so the next call cannot reuse resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pin_malloc_thresholds() -> None:
+    """glibc raises its mmap threshold after large frees, so big buffers start coming from the
+    heap and stay resident: a call's peak then no longer shows in RSS. Pinning the thresholds makes
+    every large allocation mapped and unmapped, so RSS tracks the peak; it also slows allocation,
+    so it is done only for the memory pass, after all timings."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
     """Peak memory one call adds: CUDA allocator peak on GPU; RSS high-water mark on Linux CPU."""
     if device == "cuda":
@@ -181,6 +206,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _malloc_trim()
     base = _rss_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -196,10 +222,12 @@ def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
 
 # ---- running -----------------------------------------------------------------------------------
 def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], None],
-             max_reps: Optional[int] = None) -> List[Row]:
+             max_reps: Optional[int] = None):
+    """Times every implementation of a case; returns (rows, spec). Memory is measured later, in a
+    separate pass (measure_memory), because the CPU measurement changes malloc's behaviour."""
     spec = case.build(device, quick)
     if spec is None:
-        return []
+        return [], None
     budget, reps = (0.4, 5) if quick else (2.0, 30)
     if max_reps is not None:
         reps = max_reps
@@ -209,9 +237,8 @@ def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], Non
         progress(f"{case.core}/{case.name} [{device}] {impl.name} ...")
         try:
             out, ms, p20, p80, n = time_fn(impl.fn, device, budget_s=budget, max_reps=reps, min_reps=min(3, reps))
-            mem = peak_memory_mb(impl.fn, device)
             outputs[impl.name] = out
-            rows.append(Row(case.core, case.name, device, impl.name, impl.kind, ms, p20, p80, n, peak_mb=mem,
+            rows.append(Row(case.core, case.name, device, impl.name, impl.kind, ms, p20, p80, n,
                             params=spec.params, note=impl.note))
         except Exception as e:  # a peer that fails is reported, not fatal
             rows.append(Row(case.core, case.name, device, impl.name, impl.kind, None, status=f"error: {e}"[:120],
@@ -230,7 +257,20 @@ def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], Non
                 r.floor_ms = spec.bytes / (bw * 1e9) * 1e3
         if not r.status:
             r.status = statuses.get(r.impl, "ok" if r.ms else "")
-    return rows
+    return rows, spec
+
+
+def measure_memory(rows: List[Row], spec: Spec, device: str) -> None:
+    """Peak memory of one call of each implementation that ran (fills Row.peak_mb)."""
+    if device == "cpu":
+        pin_malloc_thresholds()
+    by_name = {impl.name: impl for impl in spec.impls}
+    for r in rows:
+        if r.ms is not None and r.impl in by_name:
+            try:
+                r.peak_mb = peak_memory_mb(by_name[r.impl].fn, device)
+            except Exception:  # reported as "-"
+                r.peak_mb = None
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -253,10 +293,11 @@ def table(rows: List[Row]) -> str:
 
 
 def markdown(rows: List[Row]) -> str:
-    out = ["| case | dev | impl | ms | vs ref | vs best peer | GB/s | floor ms | peak MB | check |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| case | dev | impl | ms | p20-p80 | vs ref | vs best peer | GB/s | floor ms | peak MB | check |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        out.append(f"| {r.case} | {r.device} | {r.impl} | {_fmt(r.ms, '.3f')} | {_fmt(r.vs_ref, '.2f')} | "
+        spread = "-" if r.ms_p20 is None else f"{r.ms_p20:.3g}-{r.ms_p80:.3g}"
+        out.append(f"| {r.case} | {r.device} | {r.impl} | {_fmt(r.ms, '.3f')} | {spread} | {_fmt(r.vs_ref, '.2f')} | "
                    f"{_fmt(r.vs_peer, '.2f')} | {_fmt(r.gbps, '.1f')} | {_fmt(r.floor_ms, '.3f')} | "
                    f"{_fmt(r.peak_mb, '.1f')} | {r.status} |")
     return "\n".join(out)

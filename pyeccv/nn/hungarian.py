@@ -68,12 +68,10 @@ class HungarianMatcher(nn.Module):
         host = torch.cat([col, status.to(torch.int64)[:, None]], 1).cpu()
         _raise_for_status(host[:, -1], rows=Q, cols=cost.shape[2], name="cost")
         col = host[:, :-1]
-        out: List[Indices] = []
-        for l in range(L):
-            per_image: Indices = []
-            for b in range(B):
-                c = col[l * B + b]
-                i = torch.nonzero(c >= 0).flatten()
-                per_image.append((i, c[i]))
-            out.append(per_image)
+        # all images at once: (image, query) pairs in row-major order, then one split per layer
+        mask = col >= 0
+        counts = mask.sum(1).tolist()
+        qi = torch.nonzero(mask)[:, 1].split(counts)
+        tj = col[mask].split(counts)
+        out: List[Indices] = [list(zip(qi[l * B:(l + 1) * B], tj[l * B:(l + 1) * B])) for l in range(L)]
         return out

@@ -440,14 +440,22 @@ def test_cuda_lsap_edge_cases(g):
         if n:
             check_against_scipy(ints[b, :, :n].cpu().numpy(), out[b], unique=False)
     big = testing.rand(2, 700, 900, g=g, device="cuda")
-    for force_global in ("1", "0"):  # solver state in global memory (huge problems) and in shared memory
-        os.environ["PYECCV_LSAP_GLOBAL_STATE"] = force_global
-        try:
-            out = pyeccv.batch_linear_sum_assignment(big).cpu().numpy()
-        finally:
-            os.environ.pop("PYECCV_LSAP_GLOBAL_STATE")
-        for b in range(2):
-            check_against_scipy(big[b].cpu().numpy(), out[b])
+    ints = torch.randint(0, 5, (3, 60, 45), generator=g).double().cuda()
+    # every team (warp / block) with the state in shared memory and in global memory
+    for team in ("warp", "block"):
+        for force_global in ("1", "0"):
+            os.environ["PYECCV_LSAP_TEAM"] = team
+            os.environ["PYECCV_LSAP_GLOBAL_STATE"] = force_global
+            try:
+                out = pyeccv.batch_linear_sum_assignment(big).cpu().numpy()
+                out_i = pyeccv.batch_linear_sum_assignment(ints).cpu().numpy()
+            finally:
+                os.environ.pop("PYECCV_LSAP_GLOBAL_STATE")
+                os.environ.pop("PYECCV_LSAP_TEAM")
+            for b in range(2):
+                check_against_scipy(big[b].cpu().numpy(), out[b])
+            for b in range(3):
+                check_against_scipy(ints[b].cpu().numpy(), out_i[b], unique=False)
 
 
 @pytest.mark.cuda
@@ -469,3 +477,38 @@ def test_cuda_detr_cost(focal, g):
         want = ref.padded_cost(*(a.double() if a.is_floating_point() else a for a in args), counts, focal=focal)
         got = pyeccv.detr_match_cost(*args, counts, focal=focal)
         testing.assert_close(got, want, "elementwise", torch.float32)
+
+
+def test_random_sweep_all_solvers(g):
+    """Hundreds of tiny problems of every shape, value kind and forbidden pattern; the serial
+    solver and the block algorithm (thread teams of several sizes) against SciPy."""
+    for trial in range(300):
+        n, m = (int(x) for x in torch.randint(1, 9, (2,), generator=g))
+        kind = trial % 4
+        if kind == 0:
+            c = testing.rand(2, n, m, dtype=torch.float64, g=g, low=-3, high=3)
+        elif kind == 1:
+            c = torch.randint(0, 3, (2, n, m), generator=g).to(torch.float64)
+        elif kind == 2:
+            c = testing.rand(2, n, m, dtype=torch.float32, g=g)
+        else:  # sparse allowed pairs: sometimes infeasible
+            c = testing.rand(2, n, m, dtype=torch.float64, g=g)
+            c[torch.rand(2, n, m, generator=g) < 0.5] = math.inf
+        maximize = trial % 5 == 0
+        if maximize:
+            c = torch.where(torch.isinf(c), -c, c)
+        team = [3, 5, 8, 32][trial % 4]
+        for solver in ("native", f"team-{team}"):
+            feasible = True
+            want = None
+            try:
+                want = [scipy_lsa(c[b].double().numpy(), maximize=maximize) for b in range(2)]
+            except ValueError:
+                feasible = False
+            if not feasible:
+                with pytest.raises(ValueError, match="infeasible"):
+                    solve(c, solver, maximize=maximize)
+                continue
+            out = solve(c, solver, maximize=maximize)
+            for b in range(2):
+                check_against_scipy(c[b].numpy(), out[b], maximize=maximize, unique=kind in (0, 2))
