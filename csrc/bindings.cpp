@@ -55,12 +55,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lsap_cpu",
       [](uintptr_t cost, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t sb, int64_t sr,
-         int64_t sc, uintptr_t nr, uintptr_t nc, bool maximize, uintptr_t out, uintptr_t status, int threads) {
+         int64_t sc, uintptr_t nr, uintptr_t nc, bool maximize, uintptr_t out, uintptr_t status, int threads,
+         int team_size) {
         const LsapProblem p = lsap_problem(cost, dtype, batch, rows, cols, sb, sr, sc, nr, nc, maximize, out, status);
         py::gil_scoped_release release;
-        pyeccv::lsap_cpu(p, threads);
+        if (team_size > 0) pyeccv::lsap_cpu_threaded_team(p, team_size);  // tests: the GPU algorithm on CPU
+        else pyeccv::lsap_cpu(p, threads);
       },
-      LSAP_ARGS, py::arg("num_threads"));
+      LSAP_ARGS, py::arg("num_threads"), py::arg("team_size") = 0);
   // SciPy drop-in for one NumPy matrix: (row_ind, col_ind) int64 arrays. The one binding that
   // allocates: at SciPy's scale (1-5 us a call) the Python-side allocations and address lookups
   // would cost more than the solve itself.
@@ -75,17 +77,10 @@ PYBIND11_MODULE(_C, m) {
         const int64_t n = cost.shape(0), m = cost.shape(1);
         py::array_t<int64_t> col(n);
         int32_t status = 0;
-        LsapProblem p;
-        p.cost = cost.data();
-        p.dtype = f64 ? DType::kFloat64 : DType::kFloat32;
-        p.batch = 1;
-        p.rows = n;
-        p.cols = m;
-        p.stride_row = cost.strides(0) / es;
-        p.stride_col = cost.strides(1) / es;
-        p.maximize = maximize;
-        p.col_for_row = col.mutable_data();
-        p.status = &status;
+        const LsapProblem p = lsap_problem(reinterpret_cast<uintptr_t>(cost.data()), f64 ? 1 : 0, 1, n, m, 0,
+                                           cost.strides(0) / es, cost.strides(1) / es, 0, 0, maximize,
+                                           reinterpret_cast<uintptr_t>(col.mutable_data()),
+                                           reinterpret_cast<uintptr_t>(&status));
         {
           py::gil_scoped_release release;
           pyeccv::lsap_cpu(p, 1);
@@ -107,15 +102,6 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(rows, cols);
       },
       py::arg("cost"), py::arg("maximize"));
-  m.def(
-      "lsap_cpu_threaded_team",
-      [](uintptr_t cost, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t sb, int64_t sr,
-         int64_t sc, uintptr_t nr, uintptr_t nc, bool maximize, uintptr_t out, uintptr_t status, int team) {
-        const LsapProblem p = lsap_problem(cost, dtype, batch, rows, cols, sb, sr, sc, nr, nc, maximize, out, status);
-        py::gil_scoped_release release;
-        pyeccv::lsap_cpu_threaded_team(p, team);
-      },
-      LSAP_ARGS, py::arg("team_size"));
   m.def(
       "lsap_cuda_workspace_bytes",
       [](int dtype, int64_t batch, int64_t rows, int64_t cols) {

@@ -22,25 +22,15 @@ constexpr int kSlotBytes = 64;
 constexpr int kMaxWarps = 32;
 constexpr int kReduceBytes = kSlotBytes * kMaxWarps;
 
-template <class R>
-__device__ __forceinline__ R shfl_down(const R& v, int off) {
+// Shuffles a small trivially-copyable struct word by word (down: tree reduction; xor: butterfly).
+template <bool kXor, class R>
+__device__ __forceinline__ R shfl(const R& v, int arg) {
   constexpr int kWords = (sizeof(R) + 3) / 4;
   int w[kWords];
   memcpy(w, &v, sizeof(R));
 #pragma unroll
-  for (int k = 0; k < kWords; ++k) w[k] = __shfl_down_sync(0xffffffffu, w[k], off);
-  R out;
-  memcpy(&out, w, sizeof(R));
-  return out;
-}
-
-template <class R>
-__device__ __forceinline__ R shfl_xor(const R& v, int mask) {
-  constexpr int kWords = (sizeof(R) + 3) / 4;
-  int w[kWords];
-  memcpy(w, &v, sizeof(R));
-#pragma unroll
-  for (int k = 0; k < kWords; ++k) w[k] = __shfl_xor_sync(0xffffffffu, w[k], mask);
+  for (int k = 0; k < kWords; ++k)
+    w[k] = kXor ? __shfl_xor_sync(0xffffffffu, w[k], arg) : __shfl_down_sync(0xffffffffu, w[k], arg);
   R out;
   memcpy(&out, w, sizeof(R));
   return out;
@@ -61,7 +51,7 @@ struct WarpTeam {
   __device__ R reduce(const R& local, Op&& op) const {
     R v = local;
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = op(v, shfl_xor(v, off));
+    for (int off = 16; off > 0; off >>= 1) v = op(v, shfl<true>(v, off));
     __syncwarp();  // a reduction is also a barrier (the solver relies on it)
     return v;
   }
@@ -84,7 +74,7 @@ struct BlockTeam {
     static_assert(sizeof(R) <= kSlotBytes, "reduce: value too large");
     R v = local;
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = op(v, shfl_down(v, off));
+    for (int off = 16; off > 0; off >>= 1) v = op(v, shfl<false>(v, off));
     const int warp = threadIdx.x >> 5;
     if ((threadIdx.x & 31) == 0) memcpy(red + warp * kSlotBytes, &v, sizeof(R));
     __syncthreads();

@@ -74,10 +74,7 @@ def _lsap_native(cost: Tensor, num_rows: Optional[Tensor], num_cols: Optional[Te
     args = (cost.data_ptr(), _DTYPE_CODE[cost.dtype], B, N, M, *cost.stride(), _ptr(nr), _ptr(nc), bool(maximize),
             col.data_ptr(), status.data_ptr())
     if device.type == "cpu":
-        if team_size > 0:
-            C.lsap_cpu_threaded_team(*args, team_size)
-        else:
-            C.lsap_cpu(*args, torch.get_num_threads())
+        C.lsap_cpu(*args, torch.get_num_threads(), team_size)
     elif device.type == "cuda":
         nbytes = C.lsap_cuda_workspace_bytes(_DTYPE_CODE[cost.dtype], B, N, M)
         ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=device)
