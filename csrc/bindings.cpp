@@ -8,6 +8,7 @@
 
 #include "pyeccv/common.h"
 #include "pyeccv/hungarian.h"
+#include "pyeccv/smooth_ap.h"
 
 namespace py = pybind11;
 using pyeccv::DType;
@@ -37,6 +38,25 @@ LsapProblem lsap_problem(uintptr_t cost, int dtype, int64_t batch, int64_t rows,
   p.maximize = maximize;
   p.col_for_row = ptr<int64_t>(out);
   p.status = ptr<int32_t>(status);
+  return p;
+}
+
+pyeccv::SmoothApProblem smooth_ap_problem(int dtype, int64_t queries, int64_t items, uintptr_t sim, int64_t ld,
+                                          uintptr_t labels, uintptr_t query_item, uintptr_t perm,
+                                          uintptr_t pos_start, uintptr_t pos_count, double temperature, bool paper) {
+  pyeccv::SmoothApProblem p;
+  p.dtype = static_cast<DType>(dtype);
+  p.queries = queries;
+  p.items = items;
+  p.sim = ptr<const void>(sim);
+  p.ld = ld;
+  p.labels = ptr<const int64_t>(labels);
+  p.query_item = ptr<const int64_t>(query_item);
+  p.perm = ptr<const int64_t>(perm);
+  p.pos_start = ptr<const int64_t>(pos_start);
+  p.pos_count = ptr<const int64_t>(pos_count);
+  p.temperature = temperature;
+  p.paper = paper;
   return p;
 }
 
@@ -163,4 +183,32 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         pyeccv::detr_cost_cpu(p, threads);
       });
+
+#define SMOOTH_AP_ARGS                                                                                      \
+  py::arg("dtype"), py::arg("queries"), py::arg("items"), py::arg("sim"), py::arg("ld"), py::arg("labels"), \
+      py::arg("query_item"), py::arg("perm"), py::arg("pos_start"), py::arg("pos_count"),                   \
+      py::arg("temperature"), py::arg("paper")
+  m.def(
+      "smooth_ap_forward_cpu",
+      [](int dtype, int64_t queries, int64_t items, uintptr_t sim, int64_t ld, uintptr_t labels,
+         uintptr_t query_item, uintptr_t perm, uintptr_t pos_start, uintptr_t pos_count, double temperature,
+         bool paper, uintptr_t ap, int threads) {
+        const auto p = smooth_ap_problem(dtype, queries, items, sim, ld, labels, query_item, perm, pos_start,
+                                         pos_count, temperature, paper);
+        py::gil_scoped_release release;
+        pyeccv::smooth_ap_forward_cpu(p, ptr<void>(ap), threads);
+      },
+      SMOOTH_AP_ARGS, py::arg("ap"), py::arg("num_threads"));
+  m.def(
+      "smooth_ap_backward_cpu",
+      [](int dtype, int64_t queries, int64_t items, uintptr_t sim, int64_t ld, uintptr_t labels,
+         uintptr_t query_item, uintptr_t perm, uintptr_t pos_start, uintptr_t pos_count, double temperature,
+         bool paper, uintptr_t grad_ap, uintptr_t dsim, int threads) {
+        const auto p = smooth_ap_problem(dtype, queries, items, sim, ld, labels, query_item, perm, pos_start,
+                                         pos_count, temperature, paper);
+        py::gil_scoped_release release;
+        pyeccv::smooth_ap_backward_cpu(p, ptr<const void>(grad_ap), ptr<void>(dsim), threads);
+      },
+      SMOOTH_AP_ARGS, py::arg("grad_ap"), py::arg("dsim"), py::arg("num_threads"));
+#undef SMOOTH_AP_ARGS
 }

@@ -1,9 +1,10 @@
 """pyeccv: fast, exact, drop-in PyTorch ops for the hot cores of six ECCV 2020 papers.
 
-Cores: hungarian (DETR). See README.md for the others' status.
+Cores: hungarian (DETR), smooth_ap (Smooth-AP). See README.md for the others' status.
 """
 from . import interop, ops  # noqa: F401  (importing ops registers the torch.library ops)
 from .ops.hungarian import batch_linear_sum_assignment, detr_match_cost, linear_sum_assignment
+from .ops.smooth_ap import smooth_ap_loss
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "batch_linear_sum_assignment",
     "detr_match_cost",
     "linear_sum_assignment",
+    "smooth_ap_loss",
     "cmake_prefix_path",
     "__version__",
 ]

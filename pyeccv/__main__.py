@@ -7,6 +7,7 @@ from typing import List
 
 OPS = {
     "hungarian": ["linear_sum_assignment", "batch_linear_sum_assignment", "detr_match_cost"],
+    "smooth_ap": ["smooth_ap_loss"],
 }
 
 
@@ -21,6 +22,10 @@ def _serving(op: str, device: str) -> str:
         if device == "cpu":
             return "native (C++ fused, OpenMP over queries)"
         return "triton (fused)" if _backend.has_triton() else "native (vectorised torch)"
+    if op == "smooth_ap_loss":
+        if device == "cpu":
+            return "native (C++ per query, OpenMP; S and dX by torch matmul)"
+        return "triton (ranks + analytic gradient)" if _backend.has_triton() else "unavailable (needs triton)"
     return "?"
 
 

@@ -29,11 +29,11 @@ def tolerance(kind: str, dtype: torch.dtype) -> float:
     return TOLERANCES[(kind, dtype)][0]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
+    """||out - ref|| / max(||ref||, floor): relative, except for references that are zero up to
+    rounding noise (e.g. a gradient that vanishes exactly in theory), where it is absolute."""
     out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
-    den = ref64.norm().item()
-    num = (out64 - ref64).norm().item()
-    return num / den if den > 0 else num
+    return (out64 - ref64).norm().item() / max(ref64.norm().item(), floor)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, kind: str, dtype: Optional[torch.dtype] = None,
@@ -53,8 +53,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, kind: str, dtype: Optiona
     if not err <= tol:
         diff = (o - r).abs().where(fin, torch.zeros_like(o)).flatten()
         top = torch.topk(diff, min(5, diff.numel()))
-        rows = [f"  [{tuple(torch.unravel_index(i, o.shape))}] out={o.flatten()[i]:.6g} ref={r.flatten()[i]:.6g}"
-                for i in top.indices.tolist()]
+        rows = [f"  [{tuple(int(v) for v in torch.unravel_index(torch.tensor(i), o.shape))}] "
+                f"out={o.flatten()[i]:.6g} ref={r.flatten()[i]:.6g}" for i in top.indices.tolist()]
         raise AssertionError(f"{name}: relative error {err:.3g} > {tol:.1g} ({kind}, {dtype})\n" + "\n".join(rows))
 
 

@@ -18,13 +18,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-KINDS = ("reference", "pyeccv", "peer")
+KINDS = ("reference", "pyeccv", "peer", "baseline")  # baseline: shown, not used in the ratios
 
 
 @dataclasses.dataclass
 class Impl:
     name: str  # e.g. "official", "scipy", "pyeccv", "torch-linear-assignment"
-    kind: str  # "reference" | "pyeccv" | "peer"
+    kind: str  # "reference" | "pyeccv" | "peer" | "baseline"
     fn: Callable[[], Any]  # one call on the prepared inputs; returns its output
     note: str = ""
 
@@ -255,8 +255,8 @@ def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], Non
             if spec.bytes:
                 r.gbps = spec.bytes / (r.ms * 1e-3) / 1e9
                 r.floor_ms = spec.bytes / (bw * 1e9) * 1e3
-        if not r.status:
-            r.status = statuses.get(r.impl, "ok" if r.ms else "")
+        if not r.status:  # "unchecked": nothing to compare with (e.g. the reference cannot run)
+            r.status = statuses.get(r.impl, ("ok" if spec.check is None else "unchecked") if r.ms else "")
     return rows, spec
 
 

@@ -1,4 +1,5 @@
 """nn.Modules over pyeccv's ops."""
 from .hungarian import HungarianMatcher
+from .smooth_ap import SmoothAPLoss
 
-__all__ = ["HungarianMatcher"]
+__all__ = ["HungarianMatcher", "SmoothAPLoss"]
