@@ -61,7 +61,25 @@ def detr_cost():
         assert torch.equal(fin, torch.isfinite(got)) and torch.allclose(got[fin], want[fin], atol=1e-5), "detr_cost"
 
 
-CHECKS = [lsap, detr_cost]
+def smooth_ap():
+    import pyeccv
+    from pyeccv.reference.smooth_ap import loop_smooth_ap
+
+    g = torch.Generator().manual_seed(2)
+    for formulation in ("official", "paper"):
+        x = torch.nn.functional.normalize(torch.randn(37, 16, generator=g), dim=1)
+        labels = torch.randint(0, 5, (37,), generator=g)
+        xr = x.double().requires_grad_()
+        want = loop_smooth_ap(xr, labels, 0.05, formulation)
+        want.backward()
+        xc = x.cuda().requires_grad_()
+        got = pyeccv.smooth_ap_loss(xc, labels.cuda(), temperature=0.05, formulation=formulation)
+        got.backward()
+        assert abs(float(got) - float(want)) < 1e-4, "smooth_ap loss"
+        assert torch.allclose(xc.grad.cpu().double(), xr.grad, atol=1e-4), "smooth_ap grad"
+
+
+CHECKS = [lsap, detr_cost, smooth_ap]
 
 if __name__ == "__main__":
     for fn in CHECKS:

@@ -23,6 +23,29 @@ def _sigmoid_and_slope(d, inv_tau):
 
 
 @triton.jit
+def _query(q, sim_ptr, labels_ptr, qitem_ptr, start_ptr, count_ptr, ld):
+    """Query q's similarity row, own item, label and positive segment (start, count)."""
+    row = sim_ptr + q.to(tl.int64) * ld
+    self_i = tl.load(qitem_ptr + q)
+    label = tl.load(labels_ptr + self_i)
+    start = tl.load(start_ptr + q)
+    cnt = tl.load(count_ptr + q).to(tl.int32)
+    return row, self_i, label, start, cnt
+
+
+@triton.jit
+def _positive_block(j0, cnt, row, perm_ptr, start, self_i, PAPER: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Block j0 of the query's positives: slots, validity, items and their similarities."""
+    jj = j0 + tl.arange(0, BLOCK_J)
+    jm = jj < cnt
+    jitem = tl.load(perm_ptr + start + jj, mask=jm, other=0)
+    if PAPER:
+        jm = jm & (jitem != self_i)
+    sj = tl.load(row + jitem, mask=jm, other=0.0)
+    return jj, jm, jitem, sj
+
+
+@triton.jit
 def _ranks_kernel(
     sim_ptr, labels_ptr, qitem_ptr, perm_ptr, start_ptr, count_ptr, ap_ptr,
     pair_off_ptr, alpha_ptr, beta_ptr, self_ptr,
@@ -31,20 +54,11 @@ def _ranks_kernel(
 ):
     """ap[q] (forward) and, with COEFS, the per-positive gradient coefficients (first pass)."""
     q = tl.program_id(0)
-    row = sim_ptr + q.to(tl.int64) * ld
-    self_i = tl.load(qitem_ptr + q)
-    label = tl.load(labels_ptr + self_i)
-    start = tl.load(start_ptr + q)
-    cnt = tl.load(count_ptr + q).to(tl.int32)
+    row, self_i, label, start, cnt = _query(q, sim_ptr, labels_ptr, qitem_ptr, start_ptr, count_ptr, ld)
     zero = tl.load(row) * 0.0  # the accumulation dtype (that of S)
     total = zero
     for j0 in range(0, cnt, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        jm = jj < cnt
-        jitem = tl.load(perm_ptr + start + jj, mask=jm, other=0)
-        if PAPER:
-            jm = jm & (jitem != self_i)
-        sj = tl.load(row + jitem, mask=jm, other=0.0)
+        jj, jm, jitem, sj = _positive_block(j0, cnt, row, perm_ptr, start, self_i, PAPER, BLOCK_J)
         a = tl.zeros((BLOCK_J,), dtype=sj.dtype)
         b = tl.zeros((BLOCK_J,), dtype=sj.dtype)
         ga = tl.zeros((BLOCK_J,), dtype=sj.dtype)
@@ -95,11 +109,7 @@ def _grad_kernel(
     q = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     km = ks < B
-    row = sim_ptr + q.to(tl.int64) * ld
-    self_i = tl.load(qitem_ptr + q)
-    label = tl.load(labels_ptr + self_i)
-    start = tl.load(start_ptr + q)
-    cnt = tl.load(count_ptr + q).to(tl.int32)
+    row, self_i, label, start, cnt = _query(q, sim_ptr, labels_ptr, qitem_ptr, start_ptr, count_ptr, ld)
     base = tl.load(pair_off_ptr + q)
     sk = tl.load(row + ks, mask=km, other=0.0)
     lk = tl.load(labels_ptr + ks, mask=km, other=0)
@@ -109,12 +119,7 @@ def _grad_kernel(
     in_pos_k = in_all_k & (lk == label)
     acc = tl.zeros((BLOCK_K,), dtype=sk.dtype)
     for j0 in range(0, cnt, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        jm = jj < cnt
-        jitem = tl.load(perm_ptr + start + jj, mask=jm, other=0)
-        if PAPER:
-            jm = jm & (jitem != self_i)
-        sj = tl.load(row + jitem, mask=jm, other=0.0)
+        jj, jm, jitem, sj = _positive_block(j0, cnt, row, perm_ptr, start, self_i, PAPER, BLOCK_J)
         al = tl.load(alpha_ptr + base + jj, mask=jm, other=0.0)
         be = tl.load(beta_ptr + base + jj, mask=jm, other=0.0)
         st = tl.load(self_ptr + base + jj, mask=jm, other=0.0)

@@ -25,25 +25,20 @@
 namespace pyeccv {
 namespace vmath {
 
-// Bit casts the vectoriser sees through (memcpy through locals can stop it).
-PYECCV_INLINE int32_t bits_of(float x) {
+// A bit cast the vectoriser sees through (memcpy through locals can stop it).
+template <class To, class From>
+PYECCV_INLINE To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
 #if defined(__GNUC__)
-  return __builtin_bit_cast(int32_t, x);
+  return __builtin_bit_cast(To, x);
 #else
-  int32_t i;
-  std::memcpy(&i, &x, 4);
-  return i;
+  To y;
+  std::memcpy(&y, &x, sizeof(To));
+  return y;
 #endif
 }
-PYECCV_INLINE float float_of(int32_t i) {
-#if defined(__GNUC__)
-  return __builtin_bit_cast(float, i);
-#else
-  float x;
-  std::memcpy(&x, &i, 4);
-  return x;
-#endif
-}
+PYECCV_INLINE int32_t bits_of(float x) { return bit_cast<int32_t>(x); }
+PYECCV_INLINE float float_of(int32_t i) { return bit_cast<float>(i); }
 
 // exp(x) for x in [-87, 88] (callers clamp); float.
 PYECCV_INLINE float exp_f32(float x) {
