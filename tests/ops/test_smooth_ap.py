@@ -46,6 +46,9 @@ def test_official_layouts_match_official_code(backend, g):
         want.backward()
         got, grad = run(x, labels, backend, temperature=tau)
         testing.assert_close(got, want.detach()[0], "reduction", torch.float64, name=f"loss C={C} P={P}")
+        if C == 1:  # one class: AP = 1 whatever X, the gradient is 0 (the official one is rounding noise)
+            assert grad.abs().max() < 1e-12 and xo.grad.abs().max() < 1e-12
+            continue
         testing.assert_close(grad, xo.grad, "reduction", torch.float64, name=f"grad C={C} P={P}")
 
 
