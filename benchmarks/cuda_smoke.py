@@ -79,7 +79,30 @@ def smooth_ap():
         assert torch.allclose(xc.grad.cpu().double(), xr.grad, atol=1e-4), "smooth_ap grad"
 
 
-CHECKS = [lsap, detr_cost, smooth_ap]
+def grad_central():
+    import pyeccv.optim as O
+    from pyeccv.reference.grad_central import Adam_GC, SGD_GC
+
+    for ref_cls, ours in ((Adam_GC, lambda ps: O.Adam(ps, lr=1e-2, weight_decay=1e-3)),
+                          (SGD_GC, lambda ps: O.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3))):
+        g = torch.Generator().manual_seed(3)
+        shapes = [(5, 3, 3, 3), (7, 4), (9,), (1, 1), (0, 3)]
+        base = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+        grads = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+        a = [torch.nn.Parameter(b.clone()) for b in base]
+        c = [torch.nn.Parameter(b.clone().cuda()) for b in base]
+        oa, oc = (ref_cls(a, lr=1e-2 if ref_cls is Adam_GC else 0.1, weight_decay=1e-3, **(
+            {} if ref_cls is Adam_GC else {"momentum": 0.9})), ours(c))
+        for _ in range(3):
+            for p, q, gr in zip(a, c, grads):
+                p.grad, q.grad = gr.clone(), gr.clone().cuda()
+            oa.step()
+            oc.step()
+        for p, q in zip(a, c):
+            assert torch.allclose(p, q.cpu(), rtol=1e-8, atol=1e-10), "grad_central"
+
+
+CHECKS = [lsap, detr_cost, smooth_ap, grad_central]
 
 if __name__ == "__main__":
     for fn in CHECKS:

@@ -4,9 +4,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "pyeccv/common.h"
+#include "pyeccv/grad_central.h"
 #include "pyeccv/hungarian.h"
 #include "pyeccv/smooth_ap.h"
 
@@ -58,6 +61,29 @@ pyeccv::SmoothApProblem smooth_ap_problem(int dtype, int64_t queries, int64_t it
   p.temperature = temperature;
   p.paper = paper;
   return p;
+}
+
+// Rows of an int64 table (param, grad, buf0, buf1, buf2, rows, row_len, gc, init_buf) and a
+// float64 one (step_size, bc2_sqrt), built by pyeccv/ops/grad_central.py.
+std::vector<pyeccv::GcTensorRef> gc_tensors(uintptr_t tab, uintptr_t scal, int64_t n) {
+  const int64_t* t = ptr<const int64_t>(tab);
+  const double* s = ptr<const double>(scal);
+  std::vector<pyeccv::GcTensorRef> out(static_cast<size_t>(std::max<int64_t>(n, 0)));
+  for (int64_t i = 0; i < n; ++i, t += 11, s += 2) {
+    auto& r = out[i];
+    r.param = ptr<void>(static_cast<uintptr_t>(t[0]));
+    r.grad = ptr<const void>(static_cast<uintptr_t>(t[1]));
+    r.buf0 = ptr<void>(static_cast<uintptr_t>(t[2]));
+    r.buf1 = ptr<void>(static_cast<uintptr_t>(t[3]));
+    r.buf2 = ptr<void>(static_cast<uintptr_t>(t[4]));
+    r.rows = t[5];
+    r.row_len = t[6];
+    r.gc = static_cast<int32_t>(t[7]);
+    r.init_buf = static_cast<int32_t>(t[8]);
+    r.step_size = s[0];
+    r.bc2_sqrt = s[1];
+  }
+  return out;
 }
 
 }  // namespace
@@ -211,4 +237,43 @@ PYBIND11_MODULE(_C, m) {
       },
       SMOOTH_AP_ARGS, py::arg("grad_ap"), py::arg("dsim"), py::arg("num_threads"));
 #undef SMOOTH_AP_ARGS
+
+  m.def(
+      "gc_sgd_cpu",
+      [](uintptr_t tab, uintptr_t scal, int64_t n, int dtype, double lr, double momentum, double dampening,
+         double weight_decay, bool nesterov, bool maximize, int threads) {
+        const auto ts = gc_tensors(tab, scal, n);
+        pyeccv::GcSgdHyper h;
+        h.lr = lr;
+        h.momentum = momentum;
+        h.dampening = dampening;
+        h.weight_decay = weight_decay;
+        h.nesterov = nesterov;
+        h.maximize = maximize;
+        py::gil_scoped_release release;
+        pyeccv::gc_sgd_cpu(ts.data(), n, static_cast<DType>(dtype), h, threads);
+      },
+      py::arg("tab"), py::arg("scal"), py::arg("n"), py::arg("dtype"), py::arg("lr"), py::arg("momentum"),
+      py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("num_threads"));
+  m.def(
+      "gc_adam_cpu",
+      [](uintptr_t tab, uintptr_t scal, int64_t n, int dtype, double lr, double beta1, double beta2, double eps,
+         double weight_decay, bool amsgrad, bool maximize, bool decoupled, bool gc_update, int threads) {
+        const auto ts = gc_tensors(tab, scal, n);
+        pyeccv::GcAdamHyper h;
+        h.lr = lr;
+        h.beta1 = beta1;
+        h.beta2 = beta2;
+        h.eps = eps;
+        h.weight_decay = weight_decay;
+        h.amsgrad = amsgrad;
+        h.maximize = maximize;
+        h.decoupled = decoupled;
+        h.gc_update = gc_update;
+        py::gil_scoped_release release;
+        pyeccv::gc_adam_cpu(ts.data(), n, static_cast<DType>(dtype), h, threads);
+      },
+      py::arg("tab"), py::arg("scal"), py::arg("n"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+      py::arg("decoupled"), py::arg("gc_update"), py::arg("num_threads"));
 }

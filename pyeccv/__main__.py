@@ -8,6 +8,7 @@ from typing import List
 OPS = {
     "hungarian": ["linear_sum_assignment", "batch_linear_sum_assignment", "detr_match_cost"],
     "smooth_ap": ["smooth_ap_loss"],
+    "grad_central": ["optim.SGD / Adam / AdamW (gc_mode)"],
 }
 
 
@@ -22,6 +23,10 @@ def _serving(op: str, device: str) -> str:
         if device == "cpu":
             return "native (C++ fused, OpenMP over queries)"
         return "triton (fused)" if _backend.has_triton() else "native (vectorised torch)"
+    if op.startswith("optim."):
+        if device == "cpu":
+            return "native (C++ fused multi-tensor step, OpenMP, AVX-512/AVX2 clones)"
+        return "triton (one multi-tensor launch per group)" if _backend.has_triton() else "unavailable (needs triton)"
     if op == "smooth_ap_loss":
         if device == "cpu":
             return "native (C++ per query, OpenMP; S and dX by torch matmul)"

@@ -1,2 +1,2 @@
 """torch.library custom ops, one module per core (importing registers the ops)."""
-from . import hungarian, smooth_ap  # noqa: F401
+from . import grad_central, hungarian, smooth_ap  # noqa: F401

@@ -1,13 +1,10 @@
 """pyeccv.nn.SmoothAPLoss, including the cross-rank retrieval set under torch.distributed (gloo)."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import pyeccv
 from pyeccv import testing
@@ -25,40 +22,18 @@ def test_module_equals_function(g):
     torch.testing.assert_close(m(x, labels), pyeccv.smooth_ap_loss(x, labels, temperature=0.02, formulation="paper"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, x_all, labels_all, sizes, formulation, out_q):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        start = sum(sizes[:rank])
-        x = x_all[start:start + sizes[rank]].clone().requires_grad_()
-        loss = SmoothAPLoss(temperature=0.03, formulation=formulation, gather_distributed=True)(
-            x, labels_all[start:start + sizes[rank]])
-        loss.backward()
-        out_q.put((rank, float(loss), x.grad.numpy().copy()))  # by value, not shared memory
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, x_all, labels_all, sizes, formulation):
+    start = sum(sizes[:rank])
+    x = x_all[start:start + sizes[rank]].clone().requires_grad_()
+    loss = SmoothAPLoss(temperature=0.03, formulation=formulation, gather_distributed=True)(
+        x, labels_all[start:start + sizes[rank]])
+    loss.backward()
+    return float(loss), x.grad.numpy().copy()
 
 
 def _run(x_all, labels_all, sizes, formulation):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, len(sizes), port, x_all, labels_all, sizes, formulation, q))
-             for r in range(len(sizes))]
-    for p in procs:
-        p.start()
-    got = dict((r, (l, torch.from_numpy(gr))) for r, l, gr in (q.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return got
+    out = testing.run_distributed(_worker, len(sizes), x_all, labels_all, sizes, formulation)
+    return {r: (l, torch.from_numpy(g)) for r, (l, g) in enumerate(out)}
 
 
 def _expected(x_all, labels_all, sizes, formulation):

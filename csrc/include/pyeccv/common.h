@@ -7,7 +7,7 @@
 
 namespace pyeccv {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1 };
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // True when this build of the core contains CUDA kernels.
 bool cuda_compiled();

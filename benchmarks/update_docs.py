@@ -1,0 +1,96 @@
+"""Regenerates the CPU tables of README.md and benchmarks/RESULTS.md from a bench JSON file.
+
+    python benchmarks/update_docs.py benchmarks/results/cpu-2026-11-27.json
+The tables sit between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HEAD = ("| case | dev | impl | ms | p20-p80 | vs ref | vs best peer | GB/s | floor ms | peak MB | check |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def f(x):
+    return "-" if x is None else (f"{x:.3g}" if x < 10 else f"{x:.1f}")
+
+
+def full_table(rows, core):
+    out = [HEAD]
+    for r in rows:
+        if r["core"] != core:
+            continue
+        spread = "-" if r["ms_p20"] is None else f"{r['ms_p20']:.3g}-{r['ms_p80']:.3g}"
+        out.append(f"| {r['case']} | {r['device']} | {r['impl']} | {f(r['ms'])} | {spread} | "
+                   f"{f(r['vs_ref'])} | {f(r['vs_peer'])} | {f(r['gbps'])} | {f(r['floor_ms'])} | "
+                   f"{f(r['peak_mb'])} | {r['status']} |")
+    return "\n".join(out)
+
+
+SUMMARY = [
+    ("hungarian", "detr-64x100x20", "DETR matcher, B=64, Q=100, T<=20", "official", "lapx"),
+    ("hungarian", "deformable-32x300x50", "Deformable matcher, 32 x 300, T<=50", "official", "lapx"),
+    ("hungarian", "dino-16x900x100", "DINO matcher, 16 x 900, T<=100", "official", "lapx"),
+    ("hungarian", "lsap-64x100x20", "LSAP 64 x 100 x 20", "scipy", "lapx"),
+    ("hungarian", "lsap-16x900x100", "LSAP 16 x 900 x 100", "scipy", "lapx"),
+    ("hungarian", "lsap-208x300x100", "LSAP 208 x 300 x 100", "scipy", "lapx"),
+    ("hungarian", "lsap-8x1000x1000", "LSAP 8 x 1000 x 1000", "scipy", "lapx"),
+    ("hungarian", "lsap-1x16x16", "LSAP 16 x 16 (one problem)", "scipy", "lapx"),
+    ("hungarian", "lsap-1x1000x1000", "LSAP 1000 x 1000 (one problem)", "scipy", "lapx"),
+    ("hungarian", "lsap-1x2000x2000", "LSAP 2000 x 2000 (one problem)", "scipy", "lapx"),
+    ("smooth_ap", "fwd+bwd-B224", "Smooth-AP fwd+bwd, B=224, D=512, P=4", "official", "pytorch-metric-learning"),
+    ("smooth_ap", "fwd+bwd-B384", "Smooth-AP fwd+bwd, B=384, D=512, P=4", "official", "pytorch-metric-learning"),
+    ("smooth_ap", "fwd+bwd-B1152", "Smooth-AP fwd+bwd, B=1152, D=512, P=4", "official", "pytorch-metric-learning"),
+    ("smooth_ap", "fwd+bwd-B8192", "Smooth-AP fwd+bwd, B=8192, D=512, P=4", "official", "pytorch-metric-learning"),
+    ("grad_central", "adam-resnet50", "GC Adam step, ResNet-50 (25.6 M params)", "official Adam_GC",
+     "torch AdamW fused (no GC)"),
+    ("grad_central", "sgd-resnet50", "GC SGD-momentum step, ResNet-50", "official SGD_GC", "torch SGD fused (no GC)"),
+]
+PEER_NAME = {"lapx": "lapx", "pytorch-metric-learning": "PML", "torch AdamW fused (no GC)": "torch fused, no GC",
+             "torch SGD fused (no GC)": "torch fused, no GC"}
+MINE = {"hungarian": "pyeccv", "smooth_ap": "pyeccv", "grad_central": None}
+
+
+def summary(rows):
+    by = {}
+    for r in rows:
+        by.setdefault((r["core"], r["case"]), {})[r["impl"]] = r
+    out = ["| case (CPU) | official / SciPy | best peer | pyeccv | x ref | x peer |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for core, case, label, ref, peer in SUMMARY:
+        impls = by.get((core, case))
+        if not impls:
+            continue
+        mine = next(r for r in impls.values() if r["kind"] == "pyeccv")
+        rr, pr = impls.get(ref), impls.get(peer)
+        ref_s = f(rr["ms"]) if rr and rr["ms"] else "- (cannot run)"
+        peer_s = f"{f(pr['ms'])} ({PEER_NAME[peer]})" if pr and pr["ms"] else "-"
+        out.append(f"| {label} | {ref_s} | {peer_s} | {f(mine['ms'])} | "
+                   f"{f(mine['vs_ref']) if mine['vs_ref'] else '-'} | {f(mine['vs_peer']) if mine['vs_peer'] else '-'} |")
+    return "\n".join(out)
+
+
+def replace(text, name, body):
+    pat = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+    if not pat.search(text):
+        raise SystemExit(f"marker bench:{name} not found")
+    return pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main(path):
+    doc = json.loads(Path(path).read_text())
+    rows = doc["results"]
+    readme = ROOT / "README.md"
+    readme.write_text(replace(readme.read_text(), "summary", summary(rows)))
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    text = results.read_text()
+    for core in ("hungarian", "smooth_ap", "grad_central"):
+        text = replace(text, core, full_table(rows, core))
+    results.write_text(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
