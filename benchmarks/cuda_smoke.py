@@ -102,7 +102,68 @@ def grad_central():
             assert torch.allclose(p, q.cpu(), rtol=1e-8, atol=1e-10), "grad_central"
 
 
-CHECKS = [lsap, detr_cost, smooth_ap, grad_central]
+def volume_render():
+    import pyeccv
+    from pyeccv.reference.volume_render import packed_render
+
+    g = torch.Generator().manual_seed(4)
+    counts = torch.tensor([0, 1, 5, 1030, 3, 0, 64, 2])  # ragged, one ray longer than a block
+    start = torch.cumsum(counts, 0) - counts
+    pi = torch.stack([start, counts], 1)
+    N = int(counts.sum())
+    sig = torch.rand(N, generator=g, dtype=torch.float64) * 3
+    sig[::7] = 0.0
+    sig[5] = 1e6
+    rgb = torch.rand(N, 3, generator=g, dtype=torch.float64)
+    ts = torch.rand(N, generator=g, dtype=torch.float64)
+    te = ts + torch.rand(N, generator=g, dtype=torch.float64) * 0.1
+    bg = torch.rand(3, generator=g, dtype=torch.float64)
+    for eps in (0.0, 1e-2):
+        sr, cr, br = (x.clone().requires_grad_() for x in (sig, rgb, bg))
+        want = packed_render(sr, cr, ts, te, pi, br, early_stop_eps=eps)
+        sum(o.sum() for o in want[:3]).backward()
+        for dt in (torch.float32, torch.float64):
+            sc, cc, bc = (x.to(dt).cuda().requires_grad_() for x in (sig, rgb, bg))
+            got = pyeccv.volume_render(sc, cc, ts.to(dt).cuda(), te.to(dt).cuda(), pi.cuda(), background=bc,
+                                       early_stop_eps=eps, return_weights=True)
+            sum(o.sum() for o in got[:3]).backward()
+            tol = 1e-4 if dt == torch.float32 else 1e-10
+            for a, b in zip(got, want):
+                assert torch.allclose(a.cpu().double(), b.detach(), atol=tol), "volume_render forward"
+            for a, b in ((sc, sr), (cc, cr), (bc, br)):
+                assert torch.allclose(a.grad.cpu().double(), b.grad, atol=tol * 10), "volume_render backward"
+        w = pyeccv.render_weights(sig.float().cuda(), ts.float().cuda(), te.float().cuda(), pi.cuda(),
+                                  early_stop_eps=eps)[0]
+        assert torch.allclose(w.cpu().double(), want[3], atol=1e-4), "render_weights"
+
+
+def cond_mask_head():
+    import pyeccv
+    from pyeccv.reference.cond_mask_head import cond_mask_head as official
+
+    g = torch.Generator().manual_seed(5)
+    N, C, H, W, I = 3, 8, 13, 37, 29  # odd sizes, one image without instances
+    feats = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    params = torch.randn(I, pyeccv.num_gen_params(C), generator=g, dtype=torch.float64) * 0.5
+    im_inds = torch.randint(0, N - 1, (I,), generator=g)
+    locations = torch.rand(I, 2, generator=g) * 300
+    soi = torch.tensor([64.0, 128.0, 256.0, 512.0, 1024.0])[torch.randint(0, 5, (I,), generator=g)]
+    grad = torch.randn(I, H, W, generator=g, dtype=torch.float64)
+    fr, pr = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    official(fr, pr, im_inds, locations, soi).backward(grad)
+    for dt in (torch.float32, torch.float64):
+        for det in (True, False):
+            fc, pc = (x.to(dt).cuda().requires_grad_() for x in (feats, params))
+            out = pyeccv.cond_mask_head(fc, pc, im_inds.cuda(), locations.cuda(), soi.cuda(), deterministic=det)
+            out.backward(grad.to(dt).cuda())
+            want = official(feats, params, im_inds, locations, soi)
+            tol = 1e-4 if dt == torch.float32 else 1e-10
+            assert torch.allclose(out.cpu().double(), want, atol=tol, rtol=tol), "cond_mask_head forward"
+            assert torch.allclose(fc.grad.cpu().double(), fr.grad, atol=tol * 10, rtol=tol * 10), "cond_mask_head d_feats"
+            assert torch.allclose(pc.grad.cpu().double(), pr.grad, atol=tol * 100, rtol=tol * 10), "cond_mask_head d_params"
+
+
+CHECKS = [lsap, detr_cost, smooth_ap, grad_central, volume_render, cond_mask_head]
 
 if __name__ == "__main__":
     for fn in CHECKS:

@@ -52,6 +52,12 @@ if [ $GPU = 1 ]; then
     skip peers "no .whl/ wheels"
   fi
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  # nerfacc builds its CUDA code on first use: build it once here, bounded, or leave it out
+  if [ -d "$SITE/nerfacc" ]; then
+    export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+    step nerfacc timeout 300 bash -c "cd /tmp && '$PY' -c \"import torch, nerfacc; print(nerfacc.exclusive_sum(torch.ones(4, device='cuda')))\"" \
+      || export PYECCV_BENCH_NO_NERFACC=1
+  fi
 else
   skip build "dry run: uses the pyeccv installed for $PY"
 fi

@@ -1,7 +1,7 @@
 """Regenerates the CPU tables of README.md and benchmarks/RESULTS.md from a bench JSON file.
 
-    python benchmarks/update_docs.py benchmarks/results/cpu-2026-11-27.json
-The tables sit between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers.
+    python benchmarks/update_docs.py benchmarks/results/cpu-2026-11-27.json [more.json ...]
+Later files override earlier ones case by case. The tables sit between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers.
 """
 import json
 import re
@@ -48,8 +48,15 @@ SUMMARY = [
     ("grad_central", "adam-resnet50", "GC Adam step, ResNet-50 (25.6 M params)", "official Adam_GC",
      "torch AdamW fused (no GC)"),
     ("grad_central", "sgd-resnet50", "GC SGD-momentum step, ResNet-50", "official SGD_GC", "torch SGD fused (no GC)"),
+    ("volume_render", "fwd+bwd-65536x64", "NeRF compositing fwd+bwd, 65536 x 64", "dense-torch", "nerfacc"),
+    ("volume_render", "fwd+bwd-65536x192", "NeRF compositing fwd+bwd, 65536 x 192", "dense-torch", "nerfacc"),
+    ("volume_render", "fwd+bwd-262144x64", "NeRF compositing fwd+bwd, 262144 x 64", "dense-torch", "nerfacc"),
+    ("volume_render", "fwd+bwd-ragged262144", "NeRF compositing fwd+bwd, ragged 2^18 (0..512)", "dense-torch",
+     "nerfacc"),
+    ("cond_mask_head", "fwd+bwd-N2-I100-100x168", "CondInst mask head fwd+bwd, 100 inst, 100x168", "adelaidet", None),
+    ("cond_mask_head", "fwd+bwd-N8-I500-100x136", "CondInst mask head fwd+bwd, 500 inst, 100x136", "adelaidet", None),
 ]
-PEER_NAME = {"lapx": "lapx", "pytorch-metric-learning": "PML", "torch AdamW fused (no GC)": "torch fused, no GC",
+PEER_NAME = {"nerfacc": "nerfacc", "lapx": "lapx", "pytorch-metric-learning": "PML", "torch AdamW fused (no GC)": "torch fused, no GC",
              "torch SGD fused (no GC)": "torch fused, no GC"}
 MINE = {"hungarian": "pyeccv", "smooth_ap": "pyeccv", "grad_central": None}
 
@@ -65,7 +72,7 @@ def summary(rows):
         if not impls:
             continue
         mine = next(r for r in impls.values() if r["kind"] == "pyeccv")
-        rr, pr = impls.get(ref), impls.get(peer)
+        rr, pr = impls.get(ref), impls.get(peer) if peer else None
         ref_s = f(rr["ms"]) if rr and rr["ms"] else "- (cannot run)"
         peer_s = f"{f(pr['ms'])} ({PEER_NAME[peer]})" if pr and pr["ms"] else "-"
         out.append(f"| {label} | {ref_s} | {peer_s} | {f(mine['ms'])} | "
@@ -80,17 +87,20 @@ def replace(text, name, body):
     return pat.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
-def main(path):
-    doc = json.loads(Path(path).read_text())
-    rows = doc["results"]
+def main(paths):
+    merged = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            merged[(r["core"], r["case"], r["device"], r["impl"])] = r
+    rows = list(merged.values())
     readme = ROOT / "README.md"
     readme.write_text(replace(readme.read_text(), "summary", summary(rows)))
     results = ROOT / "benchmarks" / "RESULTS.md"
     text = results.read_text()
-    for core in ("hungarian", "smooth_ap", "grad_central"):
+    for core in ("hungarian", "smooth_ap", "grad_central", "volume_render", "cond_mask_head"):
         text = replace(text, core, full_table(rows, core))
     results.write_text(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -9,9 +9,11 @@
 #include <vector>
 
 #include "pyeccv/common.h"
+#include "pyeccv/cond_mask_head.h"
 #include "pyeccv/grad_central.h"
 #include "pyeccv/hungarian.h"
 #include "pyeccv/smooth_ap.h"
+#include "pyeccv/volume_render.h"
 
 namespace py = pybind11;
 using pyeccv::DType;
@@ -84,6 +86,45 @@ std::vector<pyeccv::GcTensorRef> gc_tensors(uintptr_t tab, uintptr_t scal, int64
     r.bc2_sqrt = s[1];
   }
   return out;
+}
+
+pyeccv::CondMaskHeadProblem cmh_problem(int dtype, int64_t images, int64_t in_channels, int64_t height,
+                                        int64_t width, int64_t instances, int num_layers, int channels,
+                                        bool rel_coords, int stride, uintptr_t feats, uintptr_t params,
+                                        uintptr_t im_inds, uintptr_t locations, uintptr_t soi) {
+  pyeccv::CondMaskHeadProblem p;
+  p.dtype = static_cast<DType>(dtype);
+  p.images = images;
+  p.in_channels = in_channels;
+  p.height = height;
+  p.width = width;
+  p.instances = instances;
+  p.num_layers = num_layers;
+  p.channels = channels;
+  p.rel_coords = rel_coords;
+  p.stride = stride;
+  p.feats = ptr<const void>(feats);
+  p.params = ptr<const void>(params);
+  p.im_inds = ptr<const int64_t>(im_inds);
+  p.locations = ptr<const float>(locations);
+  p.soi = ptr<const float>(soi);
+  return p;
+}
+
+pyeccv::VolumeRenderProblem vr_problem(int dtype, int64_t rays, int64_t samples, uintptr_t packed_info,
+                                       uintptr_t values, uintptr_t t_starts, uintptr_t t_ends, bool is_alpha,
+                                       double early_stop_eps) {
+  pyeccv::VolumeRenderProblem p;
+  p.dtype = static_cast<DType>(dtype);
+  p.rays = rays;
+  p.samples = samples;
+  p.packed_info = ptr<const int64_t>(packed_info);
+  p.values = ptr<const void>(values);
+  p.t_starts = ptr<const void>(t_starts);
+  p.t_ends = ptr<const void>(t_ends);
+  p.is_alpha = is_alpha;
+  p.early_stop_eps = early_stop_eps;
+  return p;
 }
 
 }  // namespace
@@ -276,4 +317,97 @@ PYBIND11_MODULE(_C, m) {
       py::arg("tab"), py::arg("scal"), py::arg("n"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
       py::arg("decoupled"), py::arg("gc_update"), py::arg("num_threads"));
+
+#define VR_ARGS                                                                                          \
+  py::arg("dtype"), py::arg("rays"), py::arg("samples"), py::arg("packed_info"), py::arg("values"),     \
+      py::arg("t_starts"), py::arg("t_ends"), py::arg("is_alpha"), py::arg("early_stop_eps")
+#define VR_PARAMS                                                                                        \
+  int dtype, int64_t rays, int64_t samples, uintptr_t packed_info, uintptr_t values, uintptr_t t_starts, \
+      uintptr_t t_ends, bool is_alpha, double eps
+#define VR_PROBLEM vr_problem(dtype, rays, samples, packed_info, values, t_starts, t_ends, is_alpha, eps)
+  m.def(
+      "vr_check_packed",
+      [](uintptr_t packed_info, int64_t rays, int64_t samples) {
+        bool in_order = false, covered = false;
+        const int64_t bad = pyeccv::vr_check_packed(ptr<const int64_t>(packed_info), rays, samples, &in_order, &covered);
+        return py::make_tuple(bad, in_order, covered);
+      },
+      py::arg("packed_info"), py::arg("rays"), py::arg("samples"));
+  m.def(
+      "vr_forward_cpu",
+      [](VR_PARAMS, uintptr_t rgbs, uintptr_t bg, bool bg_per_ray, uintptr_t rgb, uintptr_t opacity,
+         uintptr_t depth, uintptr_t weights, int threads) {
+        const auto p = VR_PROBLEM;
+        py::gil_scoped_release release;
+        return pyeccv::vr_forward_cpu(p, ptr<const void>(rgbs), ptr<const void>(bg), bg_per_ray, ptr<void>(rgb),
+                               ptr<void>(opacity), ptr<void>(depth), ptr<void>(weights), threads);
+      },
+      VR_ARGS, py::arg("rgbs"), py::arg("background"), py::arg("bg_per_ray"), py::arg("rgb"), py::arg("opacity"),
+      py::arg("depth"), py::arg("weights"), py::arg("num_threads"));
+  m.def(
+      "vr_backward_cpu",
+      [](VR_PARAMS, uintptr_t rgbs, uintptr_t bg, bool bg_per_ray, uintptr_t g_rgb, uintptr_t g_opacity,
+         uintptr_t g_depth, uintptr_t g_weights, uintptr_t d_values, uintptr_t d_rgbs, uintptr_t d_bg, int threads) {
+        const auto p = VR_PROBLEM;
+        py::gil_scoped_release release;
+        pyeccv::vr_backward_cpu(p, ptr<const void>(rgbs), ptr<const void>(bg), bg_per_ray, ptr<const void>(g_rgb),
+                                ptr<const void>(g_opacity), ptr<const void>(g_depth), ptr<const void>(g_weights),
+                                ptr<void>(d_values), ptr<void>(d_rgbs), ptr<void>(d_bg), threads);
+      },
+      VR_ARGS, py::arg("rgbs"), py::arg("background"), py::arg("bg_per_ray"), py::arg("g_rgb"),
+      py::arg("g_opacity"), py::arg("g_depth"), py::arg("g_weights"), py::arg("d_values"), py::arg("d_rgbs"),
+      py::arg("d_background"), py::arg("num_threads"));
+  m.def(
+      "render_weights_cpu",
+      [](VR_PARAMS, uintptr_t weights, uintptr_t trans, uintptr_t alphas, int threads) {
+        const auto p = VR_PROBLEM;
+        py::gil_scoped_release release;
+        return pyeccv::render_weights_cpu(p, ptr<void>(weights), ptr<void>(trans), ptr<void>(alphas), threads);
+      },
+      VR_ARGS, py::arg("weights"), py::arg("transmittance"), py::arg("alphas"), py::arg("num_threads"));
+  m.def(
+      "render_weights_backward_cpu",
+      [](VR_PARAMS, uintptr_t gw, uintptr_t gt, uintptr_t ga, uintptr_t d_values, int threads) {
+        const auto p = VR_PROBLEM;
+        py::gil_scoped_release release;
+        pyeccv::render_weights_backward_cpu(p, ptr<const void>(gw), ptr<const void>(gt), ptr<const void>(ga),
+                                            ptr<void>(d_values), threads);
+      },
+      VR_ARGS, py::arg("g_weights"), py::arg("g_trans"), py::arg("g_alphas"), py::arg("d_values"),
+      py::arg("num_threads"));
+#undef VR_ARGS
+#define CMH_PARAMS                                                                                           \
+  int dtype, int64_t images, int64_t in_channels, int64_t height, int64_t width, int64_t instances, int num_layers, \
+      int channels, bool rel_coords, int stride, uintptr_t feats, uintptr_t params, uintptr_t im_inds,          \
+      uintptr_t locations, uintptr_t soi
+#define CMH_ARGS                                                                                             \
+  py::arg("dtype"), py::arg("images"), py::arg("in_channels"), py::arg("height"), py::arg("width"),         \
+      py::arg("instances"), py::arg("num_layers"), py::arg("channels"), py::arg("rel_coords"), py::arg("stride"), \
+      py::arg("feats"), py::arg("params"), py::arg("im_inds"), py::arg("locations"), py::arg("soi")
+#define CMH_PROBLEM                                                                                            \
+  cmh_problem(dtype, images, in_channels, height, width, instances, num_layers, channels, rel_coords, stride, \
+              feats, params, im_inds, locations, soi)
+  m.def("cmh_num_params", &pyeccv::cmh_num_params, py::arg("in_channels"), py::arg("channels"),
+        py::arg("num_layers"), py::arg("rel_coords"));
+  m.def(
+      "cmh_forward_cpu",
+      [](CMH_PARAMS, uintptr_t out, int threads) {
+        const auto p = CMH_PROBLEM;
+        py::gil_scoped_release release;
+        pyeccv::cmh_forward_cpu(p, ptr<void>(out), threads);
+      },
+      CMH_ARGS, py::arg("out"), py::arg("num_threads"));
+  m.def(
+      "cmh_backward_cpu",
+      [](CMH_PARAMS, uintptr_t g_out, uintptr_t d_feats, uintptr_t d_params, int threads) {
+        const auto p = CMH_PROBLEM;
+        py::gil_scoped_release release;
+        pyeccv::cmh_backward_cpu(p, ptr<const void>(g_out), ptr<void>(d_feats), ptr<void>(d_params), threads);
+      },
+      CMH_ARGS, py::arg("g_out"), py::arg("d_feats"), py::arg("d_params"), py::arg("num_threads"));
+#undef CMH_PARAMS
+#undef CMH_ARGS
+#undef CMH_PROBLEM
+#undef VR_PARAMS
+#undef VR_PROBLEM
 }

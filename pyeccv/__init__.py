@@ -3,8 +3,11 @@
 Cores: hungarian (DETR), smooth_ap (Smooth-AP). See README.md for the others' status.
 """
 from . import interop, ops  # noqa: F401  (importing ops registers the torch.library ops)
+from .ops.cond_mask_head import cond_mask_head, num_gen_params
+from .ops.dyn_group_conv import dyn_group_conv2d
 from .ops.hungarian import batch_linear_sum_assignment, detr_match_cost, linear_sum_assignment
 from .ops.smooth_ap import smooth_ap_loss
+from .ops.volume_render import render_weights, render_weights_from_alpha, volume_render, volume_render_alpha
 
 __version__ = "0.1.0"
 
@@ -18,9 +21,16 @@ def cmake_prefix_path() -> str:
 
 __all__ = [
     "batch_linear_sum_assignment",
+    "cond_mask_head",
+    "dyn_group_conv2d",
+    "num_gen_params",
     "detr_match_cost",
     "linear_sum_assignment",
     "smooth_ap_loss",
+    "render_weights",
+    "render_weights_from_alpha",
+    "volume_render",
+    "volume_render_alpha",
     "cmake_prefix_path",
     "__version__",
 ]

@@ -9,6 +9,8 @@ OPS = {
     "hungarian": ["linear_sum_assignment", "batch_linear_sum_assignment", "detr_match_cost"],
     "smooth_ap": ["smooth_ap_loss"],
     "grad_central": ["optim.SGD / Adam / AdamW (gc_mode)"],
+    "volume_render": ["volume_render", "volume_render_alpha", "render_weights", "render_weights_from_alpha"],
+    "cond_mask_head": ["cond_mask_head"],
 }
 
 
@@ -31,6 +33,14 @@ def _serving(op: str, device: str) -> str:
         if device == "cpu":
             return "native (C++ per query, OpenMP; S and dX by torch matmul)"
         return "triton (ranks + analytic gradient)" if _backend.has_triton() else "unavailable (needs triton)"
+    if op.startswith("volume_render") or op.startswith("render_weights"):
+        if device == "cpu":
+            return "native (C++ per ray, OpenMP over rays, AVX-512/AVX2 clones; recomputing backward)"
+        return "triton (lane per ray, rays sorted by length)" if _backend.has_triton() else "unavailable (needs triton)"
+    if op == "cond_mask_head":
+        if device == "cpu":
+            return "native (C++ per (image, pixel tile), OpenMP, AVX-512/AVX2 clones; recomputing backward)"
+        return "triton (MLP per (instance, pixel tile) in registers)" if _backend.has_triton() else "unavailable (needs triton)"
     return "?"
 
 

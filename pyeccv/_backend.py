@@ -76,6 +76,20 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreter()
 
 
+def use_triton(device: torch.device, backend: str, what: str) -> bool:
+    """Whether an op runs its Triton kernels: on CUDA tensors (auto), or when asked for (CUDA, or
+    CPU tensors under TRITON_INTERPRET=1); `what` names the op in the error."""
+    if backend == "triton":
+        if not triton_usable(device):
+            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
+        return True
+    if device.type == "cuda":
+        if not has_triton():
+            raise RuntimeError(f"{what} on CUDA needs Triton (pip install triton)")
+        return True
+    return False
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -122,6 +122,16 @@ def compile_check(fn: Callable, *args: Any, compare: Optional[Callable[[Any, Any
     return got
 
 
+def backends() -> list:
+    """The backends an op test runs here: native, and triton when it can run (GPU or interpreter)."""
+    return ["native"] + (["triton"] if triton_device() is not None else [])
+
+
+def device_of(backend: str) -> str:
+    """The device of a backend's test tensors (the interpreter runs Triton on CPU tensors)."""
+    return (triton_device() or "cpu") if backend == "triton" else "cpu"
+
+
 def triton_device() -> Optional[str]:
     """Where Triton kernels can run in this process: "cuda", "cpu" (interpreter) or None."""
     from . import _backend

@@ -7,4 +7,6 @@ mkdir -p .whl
 python3 -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   lapx torch-linear-assignment
+# nerfacc: pure Python, builds its CUDA code on first use on the GPU machine (ninja + nvcc are there)
+python3 -m pip download -q --dest .whl --no-deps --only-binary=:all: nerfacc==0.5.3
 ls -l .whl

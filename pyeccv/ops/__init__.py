@@ -1,2 +1,2 @@
 """torch.library custom ops, one module per core (importing registers the ops)."""
-from . import grad_central, hungarian, smooth_ap  # noqa: F401
+from . import cond_mask_head, dyn_group_conv, grad_central, hungarian, smooth_ap, volume_render  # noqa: F401

@@ -75,16 +75,8 @@ def _positives(labels: Tensor, query_index: Tensor):
     return labels, qi, perm.contiguous(), start.contiguous(), count.contiguous()
 
 
-def _use_triton(device: torch.device, backend: str) -> bool:
-    if backend == "triton":
-        if not _backend.triton_usable(device):
-            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
-        return True
-    if device.type == "cuda":
-        if not _backend.has_triton():
-            raise RuntimeError("Smooth-AP on CUDA needs Triton (pip install triton)")
-        return True
-    return False
+def _use_triton(device, backend) -> bool:
+    return _backend.use_triton(device, backend, "Smooth-AP")
 
 
 def _ap(S, pos, temperature, paper, backend) -> Tensor:
