@@ -11,6 +11,7 @@ OPS = {
     "grad_central": ["optim.SGD / Adam / AdamW (gc_mode)"],
     "volume_render": ["volume_render", "volume_render_alpha", "render_weights", "render_weights_from_alpha"],
     "cond_mask_head": ["cond_mask_head"],
+    "dyn_group_conv": ["dyn_group_conv2d"],
 }
 
 
@@ -36,11 +37,13 @@ def _serving(op: str, device: str) -> str:
     if op.startswith("volume_render") or op.startswith("render_weights"):
         if device == "cpu":
             return "native (C++ per ray, OpenMP over rays, AVX-512/AVX2 clones; recomputing backward)"
-        return "triton (lane per ray, rays sorted by length)" if _backend.has_triton() else "unavailable (needs triton)"
+        return "triton (tiles of 8 rays x 32 samples, scans along rays, rays sorted by length)" if _backend.has_triton() else "unavailable (needs triton)"
     if op == "cond_mask_head":
         if device == "cpu":
             return "native (C++ per (image, pixel tile), OpenMP, AVX-512/AVX2 clones; recomputing backward)"
         return "triton (MLP per (instance, pixel tile) in registers)" if _backend.has_triton() else "unavailable (needs triton)"
+    if op == "dyn_group_conv2d":
+        return "torch (gather of the kept channels + one grouped conv; fused kernels pending)"
     return "?"
 
 
