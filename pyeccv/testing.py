@@ -19,6 +19,11 @@ TOLERANCES: Dict[Tuple[str, torch.dtype], Tuple[float, str]] = {
     ("elementwise", torch.float16): (1e-2, "fp16 inputs/outputs carry 11 bits of mantissa (~5e-4), margin for exp/log"),
     ("reduction", torch.bfloat16): (1e-2, "bf16 inputs, fp32 accumulation"),
     ("reduction", torch.float16): (1e-2, "fp16 inputs, fp32 accumulation"),
+    # Gradients through ReLU gates from half inputs: a pre-activation within rounding of 0 may
+    # switch its gate between two exact computations (fp32 vs the float64 reference), which moves
+    # a small tensor's gradient norm by ~1e-2 (seen: 1.35e-2 on a 2 x 8 x 4 x 5 map).
+    ("gated-grad", torch.bfloat16): (4e-2, "bf16: gate flips at |pre-activation| ~ 4e-3"),
+    ("gated-grad", torch.float16): (4e-2, "fp16: gate flips at |pre-activation| ~ 5e-4"),
     # Assignment is exact: float64 duals and sums over exactly representable inputs.
     ("assignment", torch.float64): (1e-12, "exact optimum; only the order of the final sum differs"),
     ("assignment", torch.float32): (1e-12, "float32 costs are exact in float64; same optimum"),

@@ -75,13 +75,13 @@ def run_ref(feats, params, im_inds, locations, soi, cot=None, loop=False, **kw):
     return out.detach(), grads
 
 
-def check(got, ggot, want, gwant, dtype, what, im_inds, N):
+def check(got, ggot, want, gwant, dtype, what, im_inds, N, grad_kind="reduction"):
     """Logits and gradients within the tolerance of the feature dtype (the params gradient too: with
     bf16 features and float32 params its error is the features'); zero d mask_feats for images
     without instances."""
     testing.assert_close(got, want, "reduction", dtype, name=f"logits {what}")
-    testing.assert_close(ggot[0], gwant[0], "reduction", dtype, name=f"d mask_feats {what}")
-    testing.assert_close(ggot[1], gwant[1], "reduction", dtype, name=f"d params {what}")
+    testing.assert_close(ggot[0], gwant[0], grad_kind, dtype, name=f"d mask_feats {what}")
+    testing.assert_close(ggot[1], gwant[1], grad_kind, dtype, name=f"d params {what}")
     unused = torch.ones(N, dtype=torch.bool)
     unused[im_inds.long()] = False
     assert bool((ggot[0][unused] == 0).all()), f"d mask_feats of images without instances must be 0 ({what})"
@@ -188,7 +188,8 @@ def test_half_precision_features(backend, dtype, g):
             got, ggot = run_op(backend, feats, params, im_inds, locations, soi, cot, **kw)
             want, gwant = run_ref(feats, params, im_inds, locations, soi, cot, **kw)
             assert got.dtype == dtype and ggot[0].dtype == dtype and ggot[1].dtype == params_dtype
-            check(got, ggot, want, gwant, dtype, f"{dtype} params {params_dtype} I={I}", im_inds, N)
+            check(got, ggot, want, gwant, dtype, f"{dtype} params {params_dtype} I={I}", im_inds, N,
+                  grad_kind="gated-grad")
 
 
 # ---- gradcheck ----------------------------------------------------------------------------------------
