@@ -1,10 +1,11 @@
 // CPU volume rendering on packed rays. OpenMP over chunks of rays (dynamic schedule, so rays of 0
 // and of 1024 samples balance); per ray:
-//   1. one sequential pass for the running optical depth (the only serial dependence),
+//   1. the running optical depth (the only serial dependence: four segments summed side by side),
 //   2. one vector pass for the exponentials (T_i and alpha_i),
 //   3. one vector pass for the compositing sums over the active samples.
-// The backward recomputes 1-2, then runs one vector pass for dL/dw_i and d rgb, one sequential
-// reverse pass for the suffix sums (pyeccv/volume_render.h), and one vector pass for d sigma.
+// The backward recomputes 1-2, then runs one vector pass for dL/dw_i and d rgb, the suffix sums of
+// g_j w_j from the ray's end (alpha input: the reverse recurrence of pyeccv/volume_render.h), and
+// one vector pass for d sigma.
 // Every sample of a ray is written (zeros past an early stop), so callers need not zero outputs.
 // Hot loops are compiled for AVX-512 / AVX2 / baseline and picked by the CPU (PYECCV_CPU_CLONES);
 // the OpenMP region stays outside the cloned functions (an outlined OpenMP body is not cloned).

@@ -157,8 +157,6 @@ def volume_render_fwd(values: Tensor, rgbs: Tensor, t_starts: Optional[Tensor], 
         if not ok:
             _raise_negative(t_starts, t_ends)
         n_active = torch.zeros((R,), dtype=torch.int32, device=dev)  # unused: the CPU backward recomputes it
-    if t_starts is None:
-        depth = torch.zeros_like(depth)
     od = values.dtype
     return rgb.to(od), opacity.to(od), depth.to(od), weights.to(od), n_active
 
