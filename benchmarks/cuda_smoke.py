@@ -163,7 +163,31 @@ def cond_mask_head():
             assert torch.allclose(pc.grad.cpu().double(), pr.grad, atol=tol * 100, rtol=tol * 10), "cond_mask_head d_params"
 
 
-CHECKS = [lsap, detr_cost, smooth_ap, grad_central, volume_render, cond_mask_head]
+def dyn_group_conv():
+    import pyeccv
+    from pyeccv.reference.dyn_group_conv import masked_dyn_group_conv2d as official
+
+    g = torch.Generator().manual_seed(6)
+    for (B, C, Co, H, W, k, heads, keep, st, pad) in [(3, 37, 24, 13, 11, 3, 4, 9, 1, 1), (2, 20, 12, 9, 10, 3, 2, 7, 2, 1),
+                                                      (1, 16, 8, 5, 5, 1, 4, 16, 1, 0)]:
+        x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+        w = torch.randn(Co, C, k, k, generator=g, dtype=torch.float64)
+        s = (torch.rand(B, heads, C, generator=g, dtype=torch.float64) * 4).round() / 4  # ties
+        xr, wr, sr = (t.clone().requires_grad_() for t in (x, w, s))
+        want = official(xr, wr, sr, keep, st, pad, 1)
+        grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        want.backward(grad)
+        for dt, tol in ((torch.float64, 1e-9), (torch.float32, 2e-2), (torch.bfloat16, 5e-2)):  # fp32: tf32 dots
+            xc, wc, sc = (t.to(dt).cuda().requires_grad_() for t in (x, w, s))
+            out = pyeccv.dyn_group_conv2d(xc, wc, sc, keep=keep, stride=st, padding=pad)
+            out.backward(grad.to(dt).cuda())
+            for name, a, b in (("out", out, want), ("d_x", xc.grad, xr.grad), ("d_w", wc.grad, wr.grad),
+                               ("d_s", sc.grad, sr.grad)):
+                err = float((a.detach().cpu().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-12))
+                assert err <= tol, f"dyn_group_conv {name} {dt}: relative error {err:.2e}"
+
+
+CHECKS = [lsap, detr_cost, smooth_ap, grad_central, volume_render, cond_mask_head, dyn_group_conv]
 
 if __name__ == "__main__":
     for fn in CHECKS:

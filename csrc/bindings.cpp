@@ -10,6 +10,7 @@
 
 #include "pyeccv/common.h"
 #include "pyeccv/cond_mask_head.h"
+#include "pyeccv/dyn_group_conv.h"
 #include "pyeccv/grad_central.h"
 #include "pyeccv/hungarian.h"
 #include "pyeccv/smooth_ap.h"
@@ -108,6 +109,33 @@ pyeccv::CondMaskHeadProblem cmh_problem(int dtype, int64_t images, int64_t in_ch
   p.im_inds = ptr<const int64_t>(im_inds);
   p.locations = ptr<const float>(locations);
   p.soi = ptr<const float>(soi);
+  return p;
+}
+
+pyeccv::DynGroupConvProblem dgc_problem(int dtype, int64_t batch, int64_t in_channels, int64_t height, int64_t width,
+                                        int64_t out_channels, int64_t heads, int64_t kh, int64_t kw, int64_t keep,
+                                        int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                                        uintptr_t x, uintptr_t weight, uintptr_t saliency) {
+  pyeccv::DynGroupConvProblem p;
+  p.dtype = static_cast<DType>(dtype);
+  p.batch = batch;
+  p.in_channels = in_channels;
+  p.height = height;
+  p.width = width;
+  p.out_channels = out_channels;
+  p.heads = heads;
+  p.kh = kh;
+  p.kw = kw;
+  p.keep = keep;
+  p.stride_h = sh;
+  p.stride_w = sw;
+  p.pad_h = ph;
+  p.pad_w = pw;
+  p.dil_h = dh;
+  p.dil_w = dw;
+  p.x = ptr<const void>(x);
+  p.weight = ptr<const void>(weight);
+  p.saliency = ptr<const void>(saliency);
   return p;
 }
 
@@ -408,6 +436,38 @@ PYBIND11_MODULE(_C, m) {
 #undef CMH_PARAMS
 #undef CMH_ARGS
 #undef CMH_PROBLEM
+#define DGC_PARAMS                                                                                           \
+  int dtype, int64_t batch, int64_t in_channels, int64_t height, int64_t width, int64_t out_channels,           \
+      int64_t heads, int64_t kh, int64_t kw, int64_t keep, int64_t sh, int64_t sw, int64_t ph, int64_t pw,       \
+      int64_t dh, int64_t dw, uintptr_t x, uintptr_t weight, uintptr_t saliency
+#define DGC_ARGS                                                                                             \
+  py::arg("dtype"), py::arg("batch"), py::arg("in_channels"), py::arg("height"), py::arg("width"),           \
+      py::arg("out_channels"), py::arg("heads"), py::arg("kh"), py::arg("kw"), py::arg("keep"),               \
+      py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"),          \
+      py::arg("dil_w"), py::arg("x"), py::arg("weight"), py::arg("saliency")
+#define DGC_PROBLEM \
+  dgc_problem(dtype, batch, in_channels, height, width, out_channels, heads, kh, kw, keep, sh, sw, ph, pw, dh, dw, \
+              x, weight, saliency)
+  m.def(
+      "dgc_forward_cpu",
+      [](DGC_PARAMS, uintptr_t out, int threads) {
+        const auto p = DGC_PROBLEM;
+        py::gil_scoped_release release;
+        pyeccv::dgc_forward_cpu(p, ptr<void>(out), threads);
+      },
+      DGC_ARGS, py::arg("out"), py::arg("num_threads"));
+  m.def(
+      "dgc_backward_cpu",
+      [](DGC_PARAMS, uintptr_t g_out, uintptr_t d_x, uintptr_t d_weight, uintptr_t d_saliency, int threads) {
+        const auto p = DGC_PROBLEM;
+        py::gil_scoped_release release;
+        pyeccv::dgc_backward_cpu(p, ptr<const void>(g_out), ptr<void>(d_x), ptr<void>(d_weight),
+                                 ptr<void>(d_saliency), threads);
+      },
+      DGC_ARGS, py::arg("g_out"), py::arg("d_x"), py::arg("d_weight"), py::arg("d_saliency"), py::arg("num_threads"));
+#undef DGC_PARAMS
+#undef DGC_ARGS
+#undef DGC_PROBLEM
 #undef VR_PARAMS
 #undef VR_PROBLEM
 }

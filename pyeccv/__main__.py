@@ -43,7 +43,10 @@ def _serving(op: str, device: str) -> str:
             return "native (C++ per (image, pixel tile), OpenMP, AVX-512/AVX2 clones; recomputing backward)"
         return "triton (MLP per (instance, pixel tile) in registers)" if _backend.has_triton() else "unavailable (needs triton)"
     if op == "dyn_group_conv2d":
-        return "torch (gather of the kept channels + one grouped conv; fused kernels pending)"
+        if device == "cpu":
+            return "native (C++ implicit GEMM over the kept channels per (sample, head), OpenMP, AVX-512/AVX2 clones)"
+        return ("triton (implicit GEMM over the kept channels, tensor cores)" if _backend.has_triton()
+                else "torch (gather + grouped conv2d; pip install triton for the fused kernels)")
     return "?"
 
 

@@ -56,6 +56,27 @@ def test_bench_cli_smoke(tmp_path):
     assert r.returncode != 0 and "unknown core" in r.stderr
 
 
+def test_bench_dyn_group_conv_smoke(tmp_path):
+    """The DGC bench: the official masked computation, the torch gather path and pyeccv agree; the dense
+    and ideal-subset convolutions (other computations, timed as yardsticks) are marked as such."""
+    out = tmp_path / "dgc.json"
+    r = run_module("bench", "dyn_group_conv", "--device", "cpu", "--quick", "--case", "fwd-B1-", "--repeat", "3",
+                   "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "fwd-B1-C256-14x14-g0.25" in r.stdout and "fwd-B1-C256-14x14-g0.5" in r.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert {row["impl"] for row in rows} == {"official-masked", "dense", "ideal-subset", "torch-gather", "pyeccv"}
+    for row in rows:
+        want = "n/a (not DGC)" if row["impl"] in ("dense", "ideal-subset") else "ok"
+        assert row["status"] == want, row
+        assert row["ms"] > 0 and row["params"]["keep"] == round(256 * row["params"]["gate"])
+    r = run_module("bench", "dyn_group_conv", "--list")
+    assert r.returncode == 0
+    for case in ("fwd-B64-C256-14x14-g0.25", "fwd-B64-C128-28x28-g0.5", "layer-B64-C256-14x14-g0.25",
+                 "fwd+bwd-B64-C128-28x28-g0.25"):
+        assert f"dyn_group_conv/{case}" in r.stdout
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not on PATH")
 def test_cpp_embedding(tmp_path):
     """A C++ project links the torch-free core through find_package(pyeccv) and solves a batch."""

@@ -17,7 +17,7 @@ import torch
 
 from ._core import Case, Row, machine_info, markdown, measure_memory, run_case, stderr_progress, table, write_json
 
-CORES = ("hungarian", "smooth_ap", "grad_central", "volume_render", "cond_mask_head")
+CORES = ("hungarian", "smooth_ap", "grad_central", "volume_render", "cond_mask_head", "dyn_group_conv")
 
 
 def cases(core: str) -> List[Case]:

@@ -2,7 +2,8 @@
 
 A core module (pyeccv/bench/<core>.py) defines CASES: a list of Case. Each Case builds, for a
 device, a Spec: the implementations to time on the same inputs (the reference, pyeccv's
-backends, installed peers), the bytes that must move (roofline floor), and a check that all of
+backends, installed peers), the bytes that must move and the useful flops (the roofline floor is
+the larger of bytes / measured bandwidth and flops / measured fp32 matmul rate), and a check that all of
 them agree before any number is reported.
 """
 from __future__ import annotations
@@ -113,6 +114,26 @@ def bandwidth_gbps(device: str) -> float:
         times.append(t.ms)
     _BW[device] = 2 * x.numel() * 4 / (min(times) * 1e-3) / 1e9
     return _BW[device]
+
+
+_FLOPS: Dict[str, float] = {}
+
+
+def compute_gflops(device: str) -> float:
+    """Measured float32 matmul rate of this device (torch's BLAS / cuBLAS at the default matmul
+    precision): the roofline's compute ceiling, for specs that give their useful flops."""
+    if device in _FLOPS:
+        return _FLOPS[device]
+    n = 8192 if device == "cuda" else 1536
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    times = []
+    for _ in range(4):
+        t = _timer(device)
+        with t:
+            torch.mm(a, b)
+        times.append(t.ms)
+    _FLOPS[device] = 2.0 * n ** 3 / (min(times[1:]) * 1e-3) / 1e9
+    return _FLOPS[device]
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -248,6 +269,7 @@ def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], Non
     peers = [r.ms for r in rows if r.kind == "peer" and r.ms]
     best_peer = min(peers) if peers else None
     bw = bandwidth_gbps(device) if spec.bytes else None
+    fl = compute_gflops(device) if spec.flops else None
     for r in rows:
         if r.ms:
             r.vs_ref = ref / r.ms if ref else None
@@ -255,6 +277,8 @@ def run_case(case: Case, device: str, quick: bool, progress: Callable[[str], Non
             if spec.bytes:
                 r.gbps = spec.bytes / (r.ms * 1e-3) / 1e9
                 r.floor_ms = spec.bytes / (bw * 1e9) * 1e3
+            if spec.flops:  # roofline: the larger of the memory and the compute time
+                r.floor_ms = max(r.floor_ms or 0.0, spec.flops / (fl * 1e9) * 1e3)
         if not r.status:  # "unchecked": nothing to compare with (e.g. the reference cannot run)
             r.status = statuses.get(r.impl, ("ok" if spec.check is None else "unchecked") if r.ms else "")
     return rows, spec
@@ -309,6 +333,7 @@ def write_json(path: str, rows: List[Row], argv: List[str]) -> None:
         "command": "python -m pyeccv " + " ".join(argv),
         "machine": machine_info(),
         "bandwidth_gbps": dict(_BW),
+        "matmul_gflops": dict(_FLOPS),
         "results": [dataclasses.asdict(r) for r in rows],
     }
     with open(path, "w") as f:

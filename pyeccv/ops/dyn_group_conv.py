@@ -11,26 +11,32 @@ the kept channels are those with saliency > t (ties at t are all dropped; d = 0 
 head h convolves x * saliency over its kept channels with its filters (weight rows
 [h * C_out / heads, (h + 1) * C_out / heads)); output channel j * heads + h is head h's filter j.
 
-Torch gather path ("auto" / "torch"): one descending sort per (b, h) gives the top-`keep` indices and
+Torch gather path ("torch"; "auto" without Triton off CPU): one descending sort per (b, h) gives the top-`keep` indices and
 t (the (keep + 1)-th largest); the gathered scale is saliency * (saliency > t), so channels tied at t
 inside the top-`keep` get scale 0 (exactly the official drop). The kept input channels (scaled) are
 gathered to (1, B * heads * keep, H, W), the matching filter columns to
 (B * C_out, keep, k, k), and ONE conv2d with groups = B * heads computes every (sample, head).
-MACs: keep / C_in of the official dense-per-head computation (which does heads x the dense conv).
-The backward recomputes the gathers and uses the conv2d input / weight gradients; pruned channels
+MACs: keep / C_in of the official computation (which does the dense conv's MACs, on heads masked
+copies of the input).
+C++ path ("auto" / "native" on CPU): csrc/cpu/dyn_group_conv.cpp, an implicit GEMM per (sample,
+head) over the kept channels (float32 / float64; half types computed in float32). Triton path
+("auto" on CUDA, "triton"): kernels/dyn_group_conv.py, the selection fused into the conv launch.
+The torch path's backward recomputes the gathers and uses the conv2d input / weight gradients; pruned channels
 get exactly zero gradient (x, weight columns and saliency), as in the official graph.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _backend, _checks
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "torch")
+_CODE = {torch.float32: 0, torch.float64: 1}
+BACKENDS = ("auto", "native", "triton", "torch")
 
 
 def _pair(name: str, v) -> List[int]:
@@ -159,14 +165,75 @@ def _backward_torch(g, x, weight, saliency, keep, stride, padding, dilation):
     return d_x.view(B, C, H, W), d_w, d_s
 
 
+def _path(device: torch.device, backend: str) -> str:
+    """Which implementation runs: "triton" (CUDA tensors, or asked for under the interpreter),
+    "native" (the C++ CPU kernels) or "torch" (the gather + grouped conv2d path, any device)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        _backend.use_triton(device, "triton", "dyn_group_conv")  # raises where Triton cannot run
+        return "triton"
+    if device.type == "cpu":
+        return "native"
+    if backend == "native":
+        raise ValueError(f"backend='native' runs on CPU tensors, got {device.type} tensors (use 'auto' or 'triton')")
+    if device.type == "cuda" and _backend.has_triton():
+        return "triton"
+    return "torch"  # no Triton (or another device): the gather path still skips the pruned channels
+
+
+def _native_args(x, weight, saliency, keep, stride, padding, dilation):
+    B, C, H, W = x.shape
+    C_out, _, kh, kw = weight.shape
+    return (_CODE[x.dtype], B, C, H, W, C_out, saliency.shape[1], kh, kw, keep, stride[0], stride[1], padding[0],
+            padding[1], dilation[0], dilation[1], x.data_ptr(), weight.data_ptr(), saliency.data_ptr())
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The C++ kernels compute in float32 / float64; half types are widened to float32 and the
+    results rounded back (the GEMM accumulates in float32 either way)."""
+    return x.dtype if x.dtype in _CODE else torch.float32
+
+
+def _forward_native(x, weight, saliency, keep, stride, padding, dilation) -> Tensor:
+    ct = _compute_dtype(x)
+    xc, wc, sc = (t.to(ct).contiguous() for t in (x, weight, saliency))
+    ho, wo = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0]), \
+        _out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    out = torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=ct)
+    _backend.C().dgc_forward_cpu(*_native_args(xc, wc, sc, keep, stride, padding, dilation), out.data_ptr(),
+                                 torch.get_num_threads())
+    return out.to(x.dtype)
+
+
+def _backward_native(g, x, weight, saliency, keep, stride, padding, dilation):
+    ct = _compute_dtype(x)
+    gc, xc, wc, sc = (t.to(ct).contiguous() for t in (g, x, weight, saliency))
+    d_x, d_w, d_s = torch.empty_like(xc), torch.empty_like(wc), torch.empty_like(sc)
+    _backend.C().dgc_backward_cpu(*_native_args(xc, wc, sc, keep, stride, padding, dilation), gc.data_ptr(),
+                                  d_x.data_ptr(), d_w.data_ptr(), d_s.data_ptr(), torch.get_num_threads())
+    return d_x.to(x.dtype), d_w.to(weight.dtype), d_s.to(saliency.dtype)
+
+
 @torch.library.custom_op("pyeccv::dyn_group_conv_fwd", mutates_args=())
 def dyn_group_conv_fwd(x: Tensor, weight: Tensor, saliency: Tensor, keep: int, stride: List[int],
                        padding: List[int], dilation: List[int], backend: str) -> Tensor:
     ho, wo = _check(x, weight, saliency, keep, stride, padding, dilation)
-    _check_values(saliency)
+    path = _path(x.device, backend)
+    if path != "native":  # the C++ kernels check the values in their own pass (ValueError)
+        _check_values(saliency)  # on CUDA: one host read (no device asserts, no silent garbage)
     if x.shape[0] == 0:
         return x.new_zeros((0, weight.shape[0], ho, wo))
-    return _forward_torch(x.detach(), weight.detach(), saliency.detach(), keep, stride, padding, dilation)
+    x, weight, saliency = x.detach(), weight.detach(), saliency.detach()
+    if path == "native":
+        return _forward_native(x, weight, saliency, keep, stride, padding, dilation)
+    if path == "triton":
+        with _device(x):
+            return _backend.kernels("dyn_group_conv").forward(x.contiguous(), weight.contiguous(),
+                                                              saliency.contiguous(), keep, stride, padding, dilation)
+    return _forward_torch(x, weight, saliency, keep, stride, padding, dilation)
 
 
 @dyn_group_conv_fwd.register_fake
@@ -175,13 +242,27 @@ def _(x, weight, saliency, keep, stride, padding, dilation, backend):
     return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
 
 
+def _device(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("pyeccv::dyn_group_conv_bwd", mutates_args=())
 def dyn_group_conv_bwd(g: Tensor, x: Tensor, weight: Tensor, saliency: Tensor, keep: int, stride: List[int],
                        padding: List[int], dilation: List[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    ho, wo = _check(x, weight, saliency, keep, stride, padding, dilation)
+    _checks.tensor("g", g, shape=(x.shape[0], weight.shape[0], ho, wo), dtypes=_FLOATS, device=x.device)
     if x.shape[0] == 0:
         return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(saliency)
-    return _backward_torch(g.detach().to(x.dtype), x.detach(), weight.detach(), saliency.detach(), keep, stride,
-                           padding, dilation)
+    g, x, weight, saliency = g.detach().to(x.dtype), x.detach(), weight.detach(), saliency.detach()
+    path = _path(x.device, backend)
+    if path == "native":
+        return _backward_native(g, x, weight, saliency, keep, stride, padding, dilation)
+    if path == "triton":
+        with _device(x):
+            return _backend.kernels("dyn_group_conv").backward(g.contiguous(), x.contiguous(), weight.contiguous(),
+                                                               saliency.contiguous(), keep, stride, padding, dilation)
+    return _backward_torch(g, x, weight, saliency, keep, stride, padding, dilation)
 
 
 @dyn_group_conv_bwd.register_fake
@@ -215,12 +296,12 @@ def dyn_group_conv2d(x: Tensor, weight: Tensor, saliency: Tensor, *, keep: int,
     (the official tie rule: ties at that threshold are dropped too), scaled by their saliency, and
     convolved with head h's filters; output (B, C_out, H', W') with channel j * heads + h = head h's
     filter j (the official interleaving). Differentiable w.r.t. x, weight and saliency.
-    backend: "auto" | "torch" (gather + one grouped conv2d; the only path for now). The dense
+    backend: "auto" (Triton on CUDA, C++ on CPU) | "native" (C++, CPU) | "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1) | "torch" (gather + one grouped conv2d, any device). The dense
     official computation: pyeccv.reference.dyn_group_conv.masked_dyn_group_conv2d.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}"
-                         + (" (not implemented yet for dyn_group_conv)" if backend in ("native", "triton") else ""))
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(keep, bool) or not isinstance(keep, int):
         raise ValueError(f"keep must be an int (channels kept per head), got {keep!r}")
     return dyn_group_conv_fwd(x, weight, saliency, keep, _pair("stride", stride), _pair("padding", padding),

@@ -1,0 +1,634 @@
+// CPU Dynamic Group Convolution (see pyeccv/dyn_group_conv.h).
+//
+// Work: per (sample b, head h) one GEMM  out_h (co x pixels) = W_h,kept (co x K) * col (K x pixels)
+// with K = kept * kh * kw: the pruned channels cost nothing. Tasks are (b, h) (split further into
+// pixel-panel chunks when there are fewer than two tasks per thread).
+//
+// Forward, per task: select the kept channels (nth_element: the official threshold), copy them,
+// times their saliency, into zero-padded planes (Hp x Wp, plus slack), then for every 32-pixel
+// panel and every 8-row block of the head's filters run the micro-kernel: 8 x 32 accumulators in
+// 16 zmm registers, per reduction step one 8-float row of the transposed weights (broadcast from
+// memory) times two 16-float vectors of the B row. With stride 1 the B row of reduction index
+// (channel c, tap r) at output pixel p = oh * Wp + ow (padded-width indexing: the Wp - Wo extra
+// columns are computed and dropped) is plane_c[p + roff(r)], contiguous in p: no im2col at all.
+// Strided convolutions gather a packed K x 32 panel first.
+//
+// Backward, per task: the gradient of the output block g_h is laid out in the stride-1 padded
+// grid (zero-inserted for strides > 1), so that
+//   d_plane_c[q] = sum_{m, r} W[m][c][r] * g1_m[q - roff(r)]      (input gradient: rows = kept
+//                                                                  channels, reduction = co * kk)
+//   dW[m][c][r]  = sum_l g1_m[l] * plane_c[l + roff(r)]             (weight gradient: rows = (c, r),
+//                                                                  columns = m, reduction = pixels)
+// are again GEMMs over contiguous shifted rows. Weight gradients accumulate in per-thread buffers
+// (tasks statically assigned, partials added in thread order) and input gradients per (b, h) slot,
+// summed over heads in head order: deterministic for a given thread count.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <utility>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/vmath.h"
+#include "pyeccv/dyn_group_conv.h"
+
+#ifdef PYECCV_HAS_OPENMP
+#include <omp.h>
+#endif
+
+namespace pyeccv {
+namespace {
+
+constexpr int MR = 8;  // rows of the register tile
+
+template <class T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float v __attribute__((vector_size(64), aligned(4), __may_alias__));
+  static constexpr int N = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double v __attribute__((vector_size(64), aligned(8), __may_alias__));
+  static constexpr int N = 8;
+};
+template <class T>
+constexpr int64_t NR = 2 * Vec<T>::N;  // columns of the register tile: two vectors
+
+inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
+template <class T>
+T* align64(T* p) {  // the next 64-byte boundary (buffers carry 64 bytes of slack)
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// tile[i][j] (+)= sum_l A[l MR + i] B(l, j), B(l, j) = B[boff[l] + j]: A packed, B rows anywhere.
+template <class T>
+PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* boff, T* tile, bool accumulate) {
+  using V = typename Vec<T>::v;
+  constexpr int N = Vec<T>::N;
+  V acc[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      acc[i][0] = *reinterpret_cast<const V*>(tile + i * 2 * N);
+      acc[i][1] = *reinterpret_cast<const V*>(tile + i * 2 * N + N);
+    } else {
+      acc[i][0] = acc[i][1] = V{};
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const T* a = A + l * MR;
+    const T* b = B + boff[l];
+    const V b0 = *reinterpret_cast<const V*>(b), b1 = *reinterpret_cast<const V*>(b + N);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i];
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    *reinterpret_cast<V*>(tile + i * 2 * N) = acc[i][0];
+    *reinterpret_cast<V*>(tile + i * 2 * N + N) = acc[i][1];
+  }
+}
+
+// The reduction is cut into chunks of KC rows so that a chunk's B rows (KC x NR elements) stay in
+// L1 while every 8-row block of A passes over them; tiles (rows x NR) accumulate across chunks.
+constexpr int64_t KC = 128;
+
+// tiles[rb][i][j] = sum_l A[(rb L + l) MR + i] B(l, j) for rb < rblocks (A: rblocks packed panels).
+template <class T>
+PYECCV_INLINE void gemm_panel(int64_t L, int64_t rblocks, const T* A, const T* B, const int64_t* boff, T* tiles) {
+  constexpr int64_t nr = NR<T>;
+  for (int64_t l0 = 0; l0 < L; l0 += KC) {
+    const int64_t ll = std::min(KC, L - l0);
+    for (int64_t rb = 0; rb < rblocks; ++rb)
+      micro_rows(ll, A + (rb * L + l0) * MR, B, boff + l0, tiles + rb * MR * nr, l0 > 0);
+  }
+  if (L == 0) std::fill(tiles, tiles + rblocks * MR * nr, T(0));
+}
+
+// tile[i][j] = sum_l A_i[l] B[l * ldb + j] with A_i = A + arow[i] (rows contiguous in l).
+template <class T>
+PYECCV_INLINE void micro_cols(int64_t L, const T* A, const int64_t* arow, const T* B, int64_t ldb, T* tile) {
+  using V = typename Vec<T>::v;
+  constexpr int N = Vec<T>::N;
+  V acc[MR][2];
+  const T* a[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = acc[i][1] = V{};
+    a[i] = A + arow[i];
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const T* b = B + l * ldb;
+    const V b0 = *reinterpret_cast<const V*>(b), b1 = *reinterpret_cast<const V*>(b + N);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i][l];
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    *reinterpret_cast<V*>(tile + i * 2 * N) = acc[i][0];
+    *reinterpret_cast<V*>(tile + i * 2 * N + N) = acc[i][1];
+  }
+}
+
+struct Geo {
+  int64_t B, C, H, W, Co, heads, co, kh, kw, kk, keep, sh, sw, ph, pw, dh, dw, Ho, Wo, HW, HoWo;
+  int64_t Hp, Wp;     // zero-padded input plane
+  int64_t plane;      // elements per padded plane buffer (with read-over slack)
+  int64_t co_a;       // co rounded up to MR (rows of the packed weight panels)
+  int64_t co_b;       // co rounded up to NR (columns of the weight-gradient tiles)
+  bool direct;        // stride 1: B rows read straight from the planes
+  int64_t P, panels;  // forward GEMM pixels (Ho * Wp direct, Ho * Wo packed) and 32-pixel panels
+  // backward: stride-1 grid of the zero-inserted output gradient
+  int64_t G1h, lead, gplane, L1;
+};
+
+template <class T>
+Geo make_geo(const DynGroupConvProblem& p) {
+  Geo g{};
+  g.B = p.batch, g.C = p.in_channels, g.H = p.height, g.W = p.width, g.Co = p.out_channels;
+  g.heads = p.heads, g.co = p.out_channels / p.heads, g.kh = p.kh, g.kw = p.kw, g.kk = p.kh * p.kw;
+  g.keep = p.keep, g.sh = p.stride_h, g.sw = p.stride_w, g.ph = p.pad_h, g.pw = p.pad_w;
+  g.dh = p.dil_h, g.dw = p.dil_w;
+  g.Ho = dgc_out_size(g.H, g.kh, g.sh, g.ph, g.dh);
+  g.Wo = dgc_out_size(g.W, g.kw, g.sw, g.pw, g.dw);
+  g.HW = g.H * g.W, g.HoWo = g.Ho * g.Wo;
+  g.Hp = g.H + 2 * g.ph, g.Wp = g.W + 2 * g.pw;
+  const int64_t nr = NR<T>;
+  g.plane = round_up(g.Hp * g.Wp + (g.kw - 1) * g.dw + nr, 16);
+  g.co_a = round_up(g.co, MR);
+  g.co_b = round_up(g.co, nr);
+  g.direct = g.sh == 1 && g.sw == 1;
+  g.P = g.direct ? g.Ho * g.Wp : g.Ho * g.Wo;
+  g.panels = (g.P + nr - 1) / nr;
+  g.G1h = g.Hp - (g.kh - 1) * g.dh;
+  g.lead = round_up((g.kh - 1) * g.dh * g.Wp + (g.kw - 1) * g.dw, 16);
+  g.gplane = round_up(g.lead + std::max(g.G1h, g.ph + g.H) * g.Wp + nr, 16);
+  g.L1 = g.G1h * g.Wp;
+  return g;
+}
+
+template <class T>
+struct Ctx {
+  Geo g;
+  const T* x;
+  const T* w;
+  const T* s;
+  const int64_t* goff;   // strided forward: padded-plane offset of output pixel p (Ho * Wo)
+  T* out;
+  const T* gout;
+  T* gx;                 // backward: s * d_plane per (b, h, slot) (B * heads * keep * HW)
+  int32_t* slot;         // backward: slot of channel c in head (b, h), or -1 (B * heads * C)
+  T* ds;
+};
+
+template <class T>
+struct Scratch {
+  std::vector<T> tmp, planes, bpack, tile, gbuf, gt, apack;
+  // weight-gradient partial: blocks (h, c) of kk x co_b, zeroed when a task first touches them
+  std::shared_ptr<T[]> dwt;
+  std::shared_ptr<uint8_t[]> touched;
+  std::vector<int32_t> idx;
+  std::vector<int64_t> aoff, boff, dst, roff;
+  Scratch(const Geo& g, bool backward) {
+    const int64_t nr = NR<T>, K = g.keep * g.kk;
+    tmp.resize(g.C);
+    idx.resize(g.C);
+    planes.resize(g.keep * g.plane);
+    tile.resize(std::max(g.co_a, round_up(g.keep, MR)) * nr);  // a panel's tiles (all row blocks)
+    aoff.resize(round_up(std::max(K, g.co * g.kk), MR) + MR);
+    boff.resize(std::max(K, g.co * g.kk) + MR);
+    dst.resize(nr);
+    roff.resize(g.kk);
+    for (int64_t r = 0; r < g.kk; ++r) roff[r] = (r / g.kw) * g.dh * g.Wp + (r % g.kw) * g.dw;
+    if (!backward) bpack.resize(K * nr + 64 / sizeof(T));
+    if (!backward) apack.resize(g.co_a * K);
+    if (backward) {
+      gbuf.resize(g.co * g.gplane);
+      gt.resize(g.L1 * g.co_b);
+      apack.resize(round_up(g.keep, MR) * g.co * g.kk);
+      dwt.reset(new T[g.heads * g.C * g.kk * g.co_b]);
+      touched.reset(new uint8_t[g.heads * g.C]());
+    }
+  }
+};
+
+// The kept channels of one (b, h) row, ascending; returns their count.
+template <class T>
+int64_t select(const T* s, int64_t C, int64_t keep, T* tmp, int32_t* idx) {
+  if (keep >= C) {
+    for (int64_t c = 0; c < C; ++c) idx[c] = static_cast<int32_t>(c);
+    return C;
+  }
+  std::copy(s, s + C, tmp);
+  const int64_t d = C - keep;
+  std::nth_element(tmp, tmp + (d - 1), tmp + C);
+  const T t = tmp[d - 1];
+  int64_t n = 0;
+  for (int64_t c = 0; c < C; ++c)
+    if (s[c] > t) idx[n++] = static_cast<int32_t>(c);
+  return n;
+}
+
+// planes[i] = saliency * x[b][idx[i]], zero-padded to Hp x Wp (and zero slack after).
+template <class T>
+PYECCV_INLINE void fill_planes(const Geo& g, const T* xb, const T* sb, const int32_t* idx, int64_t n, T* planes) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* pl = planes + i * g.plane;
+    std::fill(pl, pl + g.plane, T(0));
+    const T sc = sb[idx[i]];
+    const T* src = xb + idx[i] * g.HW;
+    for (int64_t y = 0; y < g.H; ++y) {
+      T* d = pl + (y + g.ph) * g.Wp + g.pw;
+      const T* q = src + y * g.W;
+#pragma omp simd
+      for (int64_t v = 0; v < g.W; ++v) d[v] = sc * q[v];
+    }
+  }
+}
+
+template <class T>
+PYECCV_INLINE void task_forward(const Ctx<T>& c, int64_t bh, int64_t pan0, int64_t pan1, Scratch<T>& w) {
+  const Geo& g = c.g;
+  constexpr int64_t nr = NR<T>;
+  const int64_t b = bh / g.heads, h = bh % g.heads;
+  const T* sb = c.s + bh * g.C;
+  const int64_t n = select(sb, g.C, g.keep, w.tmp.data(), w.idx.data());
+  const int64_t K = n * g.kk;
+  fill_planes(g, c.x + b * g.C * g.HW, sb, w.idx.data(), n, w.planes.data());
+  // A panels: ap[(mb K + k) MR + i] = W[h co + mb MR + i][idx[k / kk]][k % kk] (the kept columns only)
+  T* ap = w.apack.data();
+  for (int64_t mb = 0; mb < g.co_a / MR; ++mb)
+    for (int64_t i = 0; i < MR; ++i) {
+      const int64_t m = mb * MR + i;
+      T* d = ap + mb * K * MR + i;
+      if (m >= g.co) {
+        for (int64_t k = 0; k < K; ++k) d[k * MR] = T(0);
+        continue;
+      }
+      const T* src = c.w + (h * g.co + m) * g.C * g.kk;
+      for (int64_t ci = 0; ci < n; ++ci) {
+        const T* sc = src + w.idx[ci] * g.kk;
+        for (int64_t r = 0; r < g.kk; ++r) d[(ci * g.kk + r) * MR] = sc[r];
+      }
+    }
+  int64_t* boff = w.boff.data();
+  int64_t* lin = w.aoff.data();  // packed B rows: k * NR
+  for (int64_t k = 0; k < K; ++k) {
+    boff[k] = (k / g.kk) * g.plane + w.roff[k % g.kk];
+    lin[k] = k * nr;
+  }
+  T* outb = c.out + b * g.Co * g.HoWo;
+  T* tile = w.tile.data();
+  int64_t* dst = w.dst.data();
+  for (int64_t pan = pan0; pan < pan1; ++pan) {
+    const int64_t n0 = pan * nr;
+    const T* Bb;
+    if (g.direct) {
+      // copy the panel's B rows (shifted plane rows) into an aligned, sequential K x NR block: the
+      // micro-kernel then streams it (unaligned, table-addressed rows ran ~25% slower)
+      T* bp = align64(w.bpack.data());
+      const T* src = w.planes.data() + n0;
+      for (int64_t k = 0; k < K; ++k) {
+        using V = typename Vec<T>::v;
+        const T* r = src + w.boff[k];
+        *reinterpret_cast<V*>(bp + k * nr) = *reinterpret_cast<const V*>(r);
+        *reinterpret_cast<V*>(bp + k * nr + Vec<T>::N) = *reinterpret_cast<const V*>(r + Vec<T>::N);
+      }
+      Bb = bp;
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t q = n0 + j, oh = q / g.Wp, ow = q % g.Wp;
+        dst[j] = (oh < g.Ho && ow < g.Wo) ? oh * g.Wo + ow : -1;
+      }
+    } else {
+      T* bp = align64(w.bpack.data());
+      const int64_t nv = std::min(nr, g.P - n0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* pl = w.planes.data() + (k / g.kk) * g.plane + w.roff[k % g.kk];
+        const int64_t* go = c.goff + n0;
+        T* row = bp + k * nr;
+        for (int64_t j = 0; j < nv; ++j) row[j] = pl[go[j]];
+        for (int64_t j = nv; j < nr; ++j) row[j] = T(0);
+      }
+      Bb = bp;
+      for (int64_t j = 0; j < nr; ++j) dst[j] = j < nv ? n0 + j : -1;
+    }
+    gemm_panel(K, g.co_a / MR, ap, Bb, lin, tile);
+    for (int64_t m0 = 0; m0 < g.co; m0 += MR) {
+      const int64_t mv = std::min<int64_t>(MR, g.co - m0);
+      for (int64_t i = 0; i < mv; ++i) {
+        T* o = outb + ((m0 + i) * g.heads + h) * g.HoWo;
+        const T* t = tile + (m0 + i) * nr;
+        for (int64_t j = 0; j < nr; ++j)
+          if (dst[j] >= 0) o[dst[j]] = t[j];
+      }
+    }
+  }
+}
+
+template <class T>
+PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
+  const Geo& g = c.g;
+  constexpr int64_t nr = NR<T>;
+  const int64_t b = bh / g.heads, h = bh % g.heads;
+  const T* sb = c.s + bh * g.C;
+  T* dsb = c.ds + bh * g.C;
+  int32_t* slot = c.slot + bh * g.C;
+  std::fill(dsb, dsb + g.C, T(0));
+  std::fill(slot, slot + g.C, -1);
+  const int32_t* idx = w.idx.data();
+  const int64_t n = select(sb, g.C, g.keep, w.tmp.data(), w.idx.data());
+  if (n == 0) return;
+  const int64_t K = n * g.kk, CK = g.co * g.kk;
+  const T* xb = c.x + b * g.C * g.HW;
+  fill_planes(g, xb, sb, idx, n, w.planes.data());
+  for (int64_t ci = 0; ci < n; ++ci) {
+    const int64_t hc = h * g.C + idx[ci];
+    if (!w.touched[hc]) {
+      std::fill(w.dwt.get() + hc * g.kk * g.co_b, w.dwt.get() + (hc + 1) * g.kk * g.co_b, T(0));
+      w.touched[hc] = 1;
+    }
+  }
+  // g_h in the stride-1 padded grid: g1_m[lead + (oh sh) Wp + ow sw] = g[b][m heads + h][oh][ow]
+  T* gbuf = w.gbuf.data();
+  std::fill(gbuf, gbuf + g.co * g.gplane, T(0));
+  for (int64_t m = 0; m < g.co; ++m) {
+    const T* src = c.gout + (b * g.Co + m * g.heads + h) * g.HoWo;
+    T* d = gbuf + m * g.gplane + g.lead;
+    for (int64_t oh = 0; oh < g.Ho; ++oh)
+      for (int64_t ow = 0; ow < g.Wo; ++ow) d[oh * g.sh * g.Wp + ow * g.sw] = src[oh * g.Wo + ow];
+  }
+  // weight gradient: rows (c, r), columns m, reduction over the grid l < L1
+  T* gt = w.gt.data();
+  for (int64_t l = 0; l < g.L1; ++l) {
+    T* row = gt + l * g.co_b;
+    for (int64_t m = 0; m < g.co; ++m) row[m] = gbuf[m * g.gplane + g.lead + l];
+    for (int64_t m = g.co; m < g.co_b; ++m) row[m] = T(0);
+  }
+  int64_t* arow = w.aoff.data();
+  for (int64_t k = 0; k < round_up(K, MR); ++k) {
+    const int64_t kc = std::min(k, K - 1);
+    arow[k] = (kc / g.kk) * g.plane + w.roff[kc % g.kk];
+  }
+  T* tile = w.tile.data();
+  for (int64_t k0 = 0; k0 < K; k0 += MR) {
+    const int64_t kv = std::min<int64_t>(MR, K - k0);
+    for (int64_t m0 = 0; m0 < g.co_b; m0 += nr) {
+      micro_cols(g.L1, w.planes.data(), arow + k0, gt + m0, g.co_b, tile);
+      for (int64_t i = 0; i < kv; ++i) {
+        const int64_t k = k0 + i;
+        T* d = w.dwt.get() + ((h * g.C + idx[k / g.kk]) * g.kk + k % g.kk) * g.co_b + m0;
+        const T* t = tile + i * nr;
+#pragma omp simd
+        for (int64_t j = 0; j < nr; ++j) d[j] += t[j];
+      }
+    }
+  }
+  // input gradient: rows = kept channels, reduction (m, r), columns q over the interior rows
+  T* ap = w.apack.data();
+  const int64_t cpanels = (n + MR - 1) / MR;
+  // ap[(cp CK + m kk + r) MR + i] = W[h co + m][idx[cp MR + i]][r]: row m of the head's filters is
+  // walked once, in channel order (the reads stream; the panel stays in cache)
+  std::fill(ap + (cpanels - 1) * CK * MR, ap + cpanels * CK * MR, T(0));  // the partial panel's pad
+  for (int64_t m = 0; m < g.co; ++m) {
+    const T* row = c.w + (h * g.co + m) * g.C * g.kk;
+    for (int64_t ci = 0; ci < n; ++ci) {
+      const T* src = row + idx[ci] * g.kk;
+      T* d = ap + ((ci / MR) * CK + m * g.kk) * MR + ci % MR;
+      for (int64_t r = 0; r < g.kk; ++r) d[r * MR] = src[r];
+    }
+  }
+  int64_t* boff = arow;  // B row (m, r): g1_m shifted back by the tap offset (table reused)
+  for (int64_t l = 0; l < CK; ++l) boff[l] = (l / g.kk) * g.gplane + g.lead - w.roff[l % g.kk];
+  T* gxb = c.gx + bh * g.keep * g.HW;
+  const int64_t q0 = g.ph * g.Wp, qn = g.H * g.Wp;
+  int64_t* dst = w.dst.data();
+  for (int64_t n0 = 0; n0 < qn; n0 += nr) {
+    for (int64_t j = 0; j < nr; ++j) {  // interior pixel of column j, or -1 (padding / past the end)
+      const int64_t q = n0 + j, y = q / g.Wp, xw = q % g.Wp - g.pw;
+      dst[j] = (y < g.H && xw >= 0 && xw < g.W) ? y * g.W + xw : -1;
+    }
+    gemm_panel(CK, cpanels, ap, gbuf + q0 + n0, boff, tile);
+    for (int64_t cp = 0; cp < cpanels; ++cp) {
+      const int64_t cv = std::min<int64_t>(MR, n - cp * MR);
+      for (int64_t i = 0; i < cv; ++i) {
+        T* d = gxb + (cp * MR + i) * g.HW;
+        const T* t = tile + (cp * MR + i) * nr;
+        for (int64_t j = 0; j < nr; ++j)
+          if (dst[j] >= 0) d[dst[j]] = t[j];
+      }
+    }
+  }
+  // saliency gradient (unscaled x . d_plane), then the slot holds s * d_plane for d_x
+  for (int64_t i = 0; i < n; ++i) {
+    T* d = gxb + i * g.HW;
+    const T* xc = xb + idx[i] * g.HW;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t v = 0; v < g.HW; ++v) acc += xc[v] * d[v];
+    dsb[idx[i]] = acc;
+    const T sc = sb[idx[i]];
+#pragma omp simd
+    for (int64_t v = 0; v < g.HW; ++v) d[v] *= sc;
+    slot[idx[i]] = static_cast<int32_t>(i);
+  }
+}
+
+PYECCV_CPU_CLONES void fwd_f32(const Ctx<float>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<float>& w) {
+  task_forward(c, bh, p0, p1, w);
+}
+PYECCV_CPU_CLONES void bwd_f32(const Ctx<float>& c, int64_t bh, Scratch<float>& w) { task_backward(c, bh, w); }
+PYECCV_CPU_CLONES void fwd_f64(const Ctx<double>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<double>& w) {
+  task_forward(c, bh, p0, p1, w);
+}
+PYECCV_CPU_CLONES void bwd_f64(const Ctx<double>& c, int64_t bh, Scratch<double>& w) { task_backward(c, bh, w); }
+PYECCV_INLINE void fwd(const Ctx<float>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<float>& w) {
+  fwd_f32(c, bh, p0, p1, w);
+}
+PYECCV_INLINE void fwd(const Ctx<double>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<double>& w) {
+  fwd_f64(c, bh, p0, p1, w);
+}
+PYECCV_INLINE void bwd(const Ctx<float>& c, int64_t bh, Scratch<float>& w) { bwd_f32(c, bh, w); }
+PYECCV_INLINE void bwd(const Ctx<double>& c, int64_t bh, Scratch<double>& w) { bwd_f64(c, bh, w); }
+
+void check(const DynGroupConvProblem& p) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("dyn_group_conv: " + m); };
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64) fail("dtype must be float32 or float64 on CPU");
+  if (p.batch < 0 || p.in_channels < 1 || p.height < 1 || p.width < 1 || p.out_channels < 1)
+    fail("sizes must be positive (batch >= 0)");
+  if (p.heads < 1 || p.out_channels % p.heads != 0) fail("out_channels must be divisible by heads >= 1");
+  if (p.keep < 1 || p.keep > p.in_channels) fail("keep must be in [1, in_channels]");
+  if (p.kh < 1 || p.kw < 1 || p.stride_h < 1 || p.stride_w < 1 || p.dil_h < 1 || p.dil_w < 1 || p.pad_h < 0 ||
+      p.pad_w < 0)
+    fail("kernel, stride and dilation must be >= 1, padding >= 0");
+  if (dgc_out_size(p.height, p.kh, p.stride_h, p.pad_h, p.dil_h) < 1 ||
+      dgc_out_size(p.width, p.kw, p.stride_w, p.pad_w, p.dil_w) < 1)
+    fail("the output would be empty");
+}
+
+template <class T>
+void check_saliency(const DynGroupConvProblem& p) {
+  const T* s = static_cast<const T*>(p.saliency);
+  const int64_t n = p.batch * p.heads * p.in_channels;
+  for (int64_t i = 0; i < n; ++i)
+    if (!(s[i] >= T(0))) throw std::invalid_argument("dyn_group_conv: saliency must be non-negative and not NaN");
+}
+
+int threads_for(int num_threads, int64_t tasks, double work) {
+  int nt = 1;
+#ifdef PYECCV_HAS_OPENMP
+  nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (work < 2e5) nt = 1;
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, tasks)));
+#else
+  (void)num_threads, (void)tasks, (void)work;
+#endif
+  return nt;
+}
+
+inline int thread_id() {
+#ifdef PYECCV_HAS_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+template <class T>
+void run_forward(const DynGroupConvProblem& p, void* out, int num_threads) {
+  check(p);
+  if (p.batch == 0) return;
+  check_saliency<T>(p);
+  Ctx<T> c{};
+  c.g = make_geo<T>(p);
+  const Geo& g = c.g;
+  c.x = static_cast<const T*>(p.x);
+  c.w = static_cast<const T*>(p.weight);
+  c.s = static_cast<const T*>(p.saliency);
+  c.out = static_cast<T*>(out);
+  std::vector<int64_t> goff;
+  if (!g.direct) {
+    goff.resize(g.P);
+    for (int64_t oh = 0; oh < g.Ho; ++oh)
+      for (int64_t ow = 0; ow < g.Wo; ++ow) goff[oh * g.Wo + ow] = oh * g.sh * g.Wp + ow * g.sw;
+    c.goff = goff.data();
+  }
+  const int64_t bh_tasks = g.B * g.heads;
+  int nt = threads_for(num_threads, bh_tasks * g.panels,
+                       static_cast<double>(g.B) * g.Co * g.keep * g.kk * g.HoWo);
+  // fewer than two (b, h) tasks per thread: split the pixel panels into chunks
+  const int64_t chunks = std::min<int64_t>(g.panels, std::max<int64_t>(1, (2 * nt + bh_tasks - 1) / bh_tasks));
+  const int64_t per = (g.panels + chunks - 1) / chunks;
+  const int64_t tasks = bh_tasks * chunks;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    Scratch<T> w(g, false);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bh = t / chunks, ch = t % chunks;
+      const int64_t p0 = ch * per, p1 = std::min(g.panels, p0 + per);
+      if (p0 < p1) fwd(c, bh, p0, p1, w);
+    }
+  }
+}
+
+template <class T>
+void run_backward(const DynGroupConvProblem& p, const void* g_out, void* d_x, void* d_weight, void* d_saliency,
+                  int num_threads) {
+  check(p);
+  T* dw = static_cast<T*>(d_weight);
+  const int64_t wn = p.out_channels * p.in_channels * p.kh * p.kw;
+  if (p.batch == 0) {
+    std::fill(dw, dw + wn, T(0));
+    return;
+  }
+  check_saliency<T>(p);
+  Ctx<T> c{};
+  c.g = make_geo<T>(p);
+  const Geo& g = c.g;
+  c.x = static_cast<const T*>(p.x);
+  c.w = static_cast<const T*>(p.weight);
+  c.s = static_cast<const T*>(p.saliency);
+  c.gout = static_cast<const T*>(g_out);
+  c.ds = static_cast<T*>(d_saliency);
+  std::vector<T> gx(g.B * g.heads * g.keep * g.HW);
+  std::vector<int32_t> slot(g.B * g.heads * g.C);
+  c.gx = gx.data();
+  c.slot = slot.data();
+  const int64_t tasks = g.B * g.heads;
+  const int nt = threads_for(num_threads, tasks, 3.0 * g.B * g.Co * g.keep * g.kk * g.HoWo);
+  std::vector<std::pair<std::shared_ptr<T[]>, std::shared_ptr<uint8_t[]>>> partials(static_cast<size_t>(nt));
+  T* dx = static_cast<T*>(d_x);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    Scratch<T> w(g, true);
+    // static round-robin: the same tasks go to the same thread every call (deterministic sums)
+#pragma omp for schedule(static, 1)
+    for (int64_t t = 0; t < tasks; ++t) bwd(c, t, w);
+    partials[static_cast<size_t>(thread_id())] = {w.dwt, w.touched};
+    // d_x[b][c] = sum over heads (in order) of the heads' slots
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < g.B * g.C; ++bc) {
+      const int64_t b = bc / g.C, ch = bc % g.C;
+      T* d = dx + bc * g.HW;
+      std::fill(d, d + g.HW, T(0));
+      for (int64_t h = 0; h < g.heads; ++h) {
+        const int32_t s = slot[(b * g.heads + h) * g.C + ch];
+        if (s < 0) continue;
+        const T* src = gx.data() + ((b * g.heads + h) * g.keep + s) * g.HW;
+#pragma omp simd
+        for (int64_t v = 0; v < g.HW; ++v) d[v] += src[v];
+      }
+    }
+    // d_weight: partials in thread order, transposed back ((h, c) per step: kk * co contiguous
+    // reads per partial, co runs of kk contiguous writes)
+    std::vector<T> acc(g.kk * g.co_b);
+#pragma omp for schedule(static)
+    for (int64_t hc = 0; hc < g.heads * g.C; ++hc) {
+      const int64_t h = hc / g.C, ch = hc % g.C;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (const auto& part : partials) {
+        if (!part.second[hc]) continue;
+        const T* src = part.first.get() + hc * g.kk * g.co_b;
+#pragma omp simd
+        for (int64_t e = 0; e < g.kk * g.co_b; ++e) acc[e] += src[e];
+      }
+      for (int64_t m = 0; m < g.co; ++m) {
+        T* d = dw + ((h * g.co + m) * g.C + ch) * g.kk;
+        for (int64_t r = 0; r < g.kk; ++r) d[r] = acc[r * g.co_b + m];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t dgc_out_size(int64_t size, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  if (stride < 1) return 0;
+  const int64_t span = size + 2 * pad - dil * (k - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+void dgc_forward_cpu(const DynGroupConvProblem& p, void* out, int num_threads) {
+  if (p.dtype == DType::kFloat64) run_forward<double>(p, out, num_threads);
+  else run_forward<float>(p, out, num_threads);
+}
+
+void dgc_backward_cpu(const DynGroupConvProblem& p, const void* g_out, void* d_x, void* d_weight,
+                      void* d_saliency, int num_threads) {
+  if (p.dtype == DType::kFloat64) run_backward<double>(p, g_out, d_x, d_weight, d_saliency, num_threads);
+  else run_backward<float>(p, g_out, d_x, d_weight, d_saliency, num_threads);
+}
+
+}  // namespace pyeccv
