@@ -5,13 +5,15 @@
 // pixel-panel chunks when there are fewer than two tasks per thread).
 //
 // Forward, per task: select the kept channels (nth_element: the official threshold), copy them,
-// times their saliency, into zero-padded planes (Hp x Wp, plus slack), then for every 32-pixel
-// panel and every 8-row block of the head's filters run the micro-kernel: 8 x 32 accumulators in
-// 16 zmm registers, per reduction step one 8-float row of the transposed weights (broadcast from
-// memory) times two 16-float vectors of the B row. With stride 1 the B row of reduction index
-// (channel c, tap r) at output pixel p = oh * Wp + ow (padded-width indexing: the Wp - Wo extra
-// columns are computed and dropped) is plane_c[p + roff(r)], contiguous in p: no im2col at all.
-// Strided convolutions gather a packed K x 32 panel first.
+// times their saliency, into zero-padded planes (Hp x Wp, plus slack), pack the head's filter
+// columns of those channels into 8-row panels, then for every 32-pixel panel run the micro-kernel
+// over each 8-row filter block: 8 x 32 accumulators in 16 zmm registers, per reduction step 8
+// broadcasts of the packed filters times two 16-float vectors of the B row. With stride 1 the B row
+// of reduction index (channel c, tap r) at output pixel p = oh * Wp + ow (padded-width indexing:
+// the Wp - Wo extra columns are computed and dropped) is plane_c[p + roff(r)], contiguous in p: no
+// im2col, only a copy of each panel's rows into an aligned K x 32 block (2 loads + 2 stores per 128
+// FMAs). Strided convolutions gather that block element by element instead. The reduction runs in
+// chunks of 128 rows (the chunk's B rows stay in L1 across the filter blocks).
 //
 // Backward, per task: the gradient of the output block g_h is laid out in the stride-1 padded
 // grid (zero-inserted for strides > 1), so that
@@ -506,16 +508,22 @@ inline int thread_id() {
 }
 
 template <class T>
+Ctx<T> make_ctx(const DynGroupConvProblem& p) {
+  Ctx<T> c{};
+  c.g = make_geo<T>(p);
+  c.x = static_cast<const T*>(p.x);
+  c.w = static_cast<const T*>(p.weight);
+  c.s = static_cast<const T*>(p.saliency);
+  return c;
+}
+
+template <class T>
 void run_forward(const DynGroupConvProblem& p, void* out, int num_threads) {
   check(p);
   if (p.batch == 0) return;
   check_saliency<T>(p);
-  Ctx<T> c{};
-  c.g = make_geo<T>(p);
+  Ctx<T> c = make_ctx<T>(p);
   const Geo& g = c.g;
-  c.x = static_cast<const T*>(p.x);
-  c.w = static_cast<const T*>(p.weight);
-  c.s = static_cast<const T*>(p.saliency);
   c.out = static_cast<T*>(out);
   std::vector<int64_t> goff;
   if (!g.direct) {
@@ -554,12 +562,8 @@ void run_backward(const DynGroupConvProblem& p, const void* g_out, void* d_x, vo
     return;
   }
   check_saliency<T>(p);
-  Ctx<T> c{};
-  c.g = make_geo<T>(p);
+  Ctx<T> c = make_ctx<T>(p);
   const Geo& g = c.g;
-  c.x = static_cast<const T*>(p.x);
-  c.w = static_cast<const T*>(p.weight);
-  c.s = static_cast<const T*>(p.saliency);
   c.gout = static_cast<const T*>(g_out);
   c.ds = static_cast<T*>(d_saliency);
   std::vector<T> gx(g.B * g.heads * g.keep * g.HW);
