@@ -80,10 +80,13 @@ def test_tiny_forward_backward(g):
     # depth in units of t: the weighted mean of bin centres lies in [near, far] x opacity
     assert bool((out["depth"] >= 1.5 * op - 1e-5).all()) and bool((out["depth"] <= 4.5 * op + 1e-5).all())
     (out["rgb_fine"].square().sum() + out["rgb_coarse"].square().sum() + out["depth"].sum()).backward()
-    for net in (model.coarse, model.fine):
+    for net, opacity in ((model.coarse, out["opacity_coarse"]), (model.fine, out["opacity"])):
         grads = [p.grad for p in net.parameters()]
         assert all(gr is not None and bool(torch.isfinite(gr).all()) for gr in grads)
-        assert sum(float(gr.abs().sum()) for gr in grads) > 0
+        # a freshly initialised network can output raw densities < 0 at every sample: the official
+        # ReLU then gives zero opacity and exactly zero gradients (seed 1551133312 does)
+        if bool((opacity > 0).any()):
+            assert sum(float(gr.abs().sum()) for gr in grads) > 0
 
 
 def test_coarse_only_and_eval_is_deterministic(g):
