@@ -42,8 +42,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-5) -> float:
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, kind: str, dtype: Optional[torch.dtype] = None,
-                 name: str = "output") -> None:
-    """Relative-error check with a readable report of the worst elements on failure."""
+                 name: str = "output", floor: float = 1e-5) -> None:
+    """Relative-error check with a readable report of the worst elements on failure; `floor` is the
+    smallest reference norm the error is taken relative to (raise it where entries sum terms that
+    can cancel far below their own size)."""
     dtype = dtype or out.dtype
     if out.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
@@ -54,7 +56,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, kind: str, dtype: Optiona
         raise AssertionError(f"{name}: non-finite entries differ at {bad}")
     fin = torch.isfinite(r)
     tol = tolerance(kind, dtype)
-    err = rel_err(o[fin], r[fin]) if bool(fin.any()) else 0.0
+    err = rel_err(o[fin], r[fin], floor) if bool(fin.any()) else 0.0
     if not err <= tol:
         diff = (o - r).abs().where(fin, torch.zeros_like(o)).flatten()
         top = torch.topk(diff, min(5, diff.numel()))

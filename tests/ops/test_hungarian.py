@@ -343,7 +343,10 @@ def test_detr_cost_matches_official(focal, backend, g):
             with testing.poisoned():
                 got = pyeccv.detr_match_cost(*args, counts, focal=focal, backend=backend)
             assert got.dtype == dtype
-            testing.assert_close(got, want, "elementwise", dtype, name=f"cost {B}x{Q}x{K} {counts}")
+            testing.assert_close(got, want, "elementwise", dtype, name=f"cost {B}x{Q}x{K} {counts}",
+                                 floor=math.sqrt(want.isfinite().sum().item()))
+            # (each entry sums O(1) terms - class, L1, GIoU - that can cancel to ~1e-2: CI drew a 1 x 1
+            # cost of -0.0089 off by 2.4e-7 in float32, so the error is relative to an O(1) scale per entry)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
