@@ -198,7 +198,8 @@ def test_inference_masks(g):
         out = head(feats, 8, inst)
     masks = out.pred_global_masks
     assert masks.shape == (6, 1, 18, 14) and masks.dtype == torch.float32
-    assert bool(((masks > 0) & (masks < 1)).all())
+    # probabilities; float32 sigmoid rounds to exactly 1.0 for logits above ~17 (CI drew seed 3202768154)
+    assert bool(((masks >= 0) & (masks <= 1)).all())
     with torch.no_grad():
         want = official_logits(head, feats.double(), 8, SimpleNamespace(
             **{**vars(inst), "mask_head_params": inst.mask_head_params.double()})).sigmoid()
