@@ -65,6 +65,8 @@ SUMMARY = [
      "dense"),
     ("dyn_group_conv", "fwd-B1-C256-14x14-g0.25", "DGC 3x3 conv B=1 C=256 14x14 gate 0.25", "official-masked",
      "dense"),
+    ("dyn_group_conv", "fwd-B64-C512-4x4-g0.25", "DGC 3x3 conv B=64 C=512 4x4 gate 0.25 (small map)",
+     "official-masked", "dense"),
     ("dyn_group_conv", "layer-B64-C256-14x14-g0.25", "DGC layer (eval) B=64 C=256 14x14 gate 0.25",
      "official-masked", "dense"),
     ("dyn_group_conv", "fwd+bwd-B64-C128-28x28-g0.25", "DGC 3x3 conv fwd+bwd B=64 C=128 28x28 gate 0.25",

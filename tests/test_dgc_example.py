@@ -1,5 +1,5 @@
-"""The DGC example (python -m pyeccv.examples.dgc): its narrow DGC-ResNet-18 against dgc_resnet18 and
-the official classes, its data, and a tiny end-to-end run (train, evaluate, time three models)."""
+"""The DGC example (python -m pyeccv.examples.dgc): its narrow official-class twin against
+dgc_resnet18(width=...), its data, and a tiny end-to-end run (train, evaluate, time three models)."""
 import math
 
 import torch
@@ -10,17 +10,14 @@ from pyeccv.nn import DynamicGroupConv2d
 from pyeccv.reference import dyn_group_conv as ref
 
 
-def test_narrow_model_is_dgc_resnet18_at_width_64():
-    """At width 64 the example's model has dgc_resnet18(stem="cifar")'s keys and shapes, and the
-    official-class twin loads its state_dict as it is."""
-    ours = example.NarrowDGCResNet18(width=64, num_classes=10)
-    want = dgc_resnet18(10, stem="cifar").state_dict()
-    got = ours.state_dict()
-    assert list(got) == list(want)
-    assert all(got[k].shape == want[k].shape for k in want)
-    official = example.NarrowOfficialDyResNet18(width=64, num_classes=10)
-    official.load_state_dict(got)  # strict
-    assert isinstance(official.layer2[0].downsample[0], ref.DynamicMultiHeadConv)
+def test_official_twin_loads_dgc_resnet18_at_any_width():
+    """The official-class twin at width w loads dgc_resnet18(stem="cifar", width=w)'s state_dict as it
+    is (strict), at the official width 64 and at a narrow one."""
+    for width in (64, 12):
+        got = dgc_resnet18(10, stem="cifar", width=width).state_dict()
+        official = example.NarrowOfficialDyResNet18(width=width, num_classes=10)
+        official.load_state_dict(got)  # strict: same keys and shapes
+        assert isinstance(official.layer2[0].downsample[0], ref.DynamicMultiHeadConv)
 
 
 def test_narrow_models_agree_and_dense_twin_shapes(g):
@@ -29,7 +26,7 @@ def test_narrow_models_agree_and_dense_twin_shapes(g):
     saved = ref.DynamicMultiHeadConv.global_progress
     ref.DynamicMultiHeadConv.global_progress = 0.0  # train-mode forwards keep the pruning level set below
     try:
-        ours = example.NarrowDGCResNet18(width=8, gate_factor=0.5)
+        ours = dgc_resnet18(10, stem="cifar", width=8, gate_factor=0.5)
         for m in ours.modules():
             if isinstance(m, DynamicGroupConv2d):
                 m.inactive_channels = m.in_channels // 2
@@ -60,9 +57,11 @@ def test_images_deterministic_balanced_and_split():
 
 def test_example_quick_run():
     res = example.main(["--quick", "--threads", "1", "--time-reps", "2"])
-    assert set(res) >= {"accuracy", "overflowed", "accuracy_batch_stats", "history", "keep", "used",
+    assert set(res) >= {"accuracy", "overflowed", "accuracy_batch_stats", "accuracy_running_stats", "history",
+                        "keep", "used",
                         "mmacs_per_image", "times_ms", "logits_rel_err", "same_prediction", "steps", "seconds"}
     assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["accuracy_batch_stats"] <= 1.0
+    assert 0.0 <= res["accuracy_running_stats"] <= 1.0 and res["recalibrated_on"] == 128
     assert 0 <= res["overflowed"] <= 256
     assert res["steps"] == math.ceil(512 / 32) and len(res["history"]) == 1
     # final pruning level: keep = C_in - round(C_in * (1 - gate)) per head, width 8 -> 8, 16, 32, 64

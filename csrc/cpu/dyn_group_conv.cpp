@@ -5,15 +5,19 @@
 // pixel-panel chunks when there are fewer than two tasks per thread).
 //
 // Forward, per task: select the kept channels (nth_element: the official threshold), copy them,
-// times their saliency, into zero-padded planes (Hp x Wp, plus slack), pack the head's filter
-// columns of those channels into 8-row panels, then for every 32-pixel panel run the micro-kernel
-// over each 8-row filter block: 8 x 32 accumulators in 16 zmm registers, per reduction step 8
-// broadcasts of the packed filters times two 16-float vectors of the B row. With stride 1 the B row
-// of reduction index (channel c, tap r) at output pixel p = oh * Wp + ow (padded-width indexing:
-// the Wp - Wo extra columns are computed and dropped) is plane_c[p + roff(r)], contiguous in p: no
-// im2col, only a copy of each panel's rows into an aligned K x 32 block (2 loads + 2 stores per 128
-// FMAs). Strided convolutions gather that block element by element instead. The reduction runs in
-// chunks of 128 rows (the chunk's B rows stay in L1 across the filter blocks).
+// times their saliency, into planes, pack the head's filter columns of those channels into 8-row
+// panels, then for every 32-pixel panel run the micro-kernel over each 8-row filter block: 8 x 32
+// accumulators in 16 zmm registers, per reduction step 8 broadcasts of the packed filters times two
+// 16-float vectors of the B row. With stride 1 every channel gets kw column-shifted copies of its
+// zero-padded plane, Wo wide (copy dx starts at padded column dx * dw), so the B row of reduction
+// index (channel c, tap (dy, dx)) at output pixel p = oh * Wo + ow is shifted_c,dx[p + dy * dh * Wo],
+// contiguous in p: no im2col, only the Ho x Wo output pixels are computed (Wp-wide output rows
+// wasted 2 pw / Wp of the FMAs), and the micro-kernel reads the rows in place (unaligned; copying
+// each panel's rows into an aligned block first measured 11% slower at 28 x 28 and even at 14 x 14).
+// Strided convolutions gather each panel's rows into a sequential block. The reduction runs in
+// chunks of 128 rows (the chunk's B rows stay in L1 across the filter blocks). Filter panels: with
+// B x keep >= 4 C the filters are put in panel-major order once per call and each task copies its
+// kept channels' blocks; below that, each task gathers them from the filter rows.
 //
 // Backward, per task: the gradient of the output block g_h is laid out in the stride-1 padded
 // grid (zero-inserted for strides > 1), so that
@@ -61,42 +65,53 @@ constexpr int64_t NR = 2 * Vec<T>::N;  // columns of the register tile: two vect
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
+// d[0 .. n) = s[0 .. n) for short runs (plane rows, tile rows, filter blocks): vector moves, no
+// call (GCC turns a plain loop into a memmove call, ~20 cycles for a few elements)
+template <class T>
+PYECCV_INLINE void copy_short(const T* s, int64_t n, T* d) {
+  using V = typename Vec<T>::v;
+  constexpr int N = Vec<T>::N;
+  int64_t j = 0;
+  for (; j + N <= n; j += N) *reinterpret_cast<V*>(d + j) = *reinterpret_cast<const V*>(s + j);
+  for (; j < n; ++j) d[j] = s[j];
+}
+
 template <class T>
 T* align64(T* p) {  // the next 64-byte boundary (buffers carry 64 bytes of slack)
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
-// tile[i][j] (+)= sum_l A[l MR + i] B(l, j), B(l, j) = B[boff[l] + j]: A packed, B rows anywhere.
-template <class T>
+// tile[i][j] (+)= sum_l A[l MR + i] B(l, j), B(l, j) = B[boff[l] + j]: A packed, B rows anywhere;
+// columns j < NV vectors (NV = 2: the full 32-column tile; NV = 1: a panel of at most 16 pixels).
+// The tile's row stride is NR either way.
+// boff == nullptr: B rows are sequential, NR apart (a packed panel): no table load per step.
+template <int NV, class T>
 PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* boff, T* tile, bool accumulate) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
-  V acc[MR][2];
+  V acc[MR][NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    if (accumulate) {
-      acc[i][0] = *reinterpret_cast<const V*>(tile + i * 2 * N);
-      acc[i][1] = *reinterpret_cast<const V*>(tile + i * 2 * N + N);
-    } else {
-      acc[i][0] = acc[i][1] = V{};
-    }
-  }
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? *reinterpret_cast<const V*>(tile + i * 2 * N + v * N) : V{};
+#pragma GCC unroll 2
   for (int64_t l = 0; l < L; ++l) {
     const T* a = A + l * MR;
-    const T* b = B + boff[l];
-    const V b0 = *reinterpret_cast<const V*>(b), b1 = *reinterpret_cast<const V*>(b + N);
+    const T* b = boff ? B + boff[l] : B + l * NR<T>;
+    V bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * N);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i];
-      acc[i][0] += ai * b0;
-      acc[i][1] += ai * b1;
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    *reinterpret_cast<V*>(tile + i * 2 * N) = acc[i][0];
-    *reinterpret_cast<V*>(tile + i * 2 * N + N) = acc[i][1];
-  }
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + i * 2 * N + v * N) = acc[i][v];
 }
 
 // The reduction is cut into chunks of KC rows so that a chunk's B rows (KC x NR elements) stay in
@@ -104,13 +119,14 @@ PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* 
 constexpr int64_t KC = 128;
 
 // tiles[rb][i][j] = sum_l A[(rb L + l) MR + i] B(l, j) for rb < rblocks (A: rblocks packed panels).
-template <class T>
+template <int NV = 2, class T>
 PYECCV_INLINE void gemm_panel(int64_t L, int64_t rblocks, const T* A, const T* B, const int64_t* boff, T* tiles) {
   constexpr int64_t nr = NR<T>;
   for (int64_t l0 = 0; l0 < L; l0 += KC) {
     const int64_t ll = std::min(KC, L - l0);
     for (int64_t rb = 0; rb < rblocks; ++rb)
-      micro_rows(ll, A + (rb * L + l0) * MR, B, boff + l0, tiles + rb * MR * nr, l0 > 0);
+      micro_rows<NV>(ll, A + (rb * L + l0) * MR, boff ? B : B + l0 * nr, boff ? boff + l0 : nullptr,
+                     tiles + rb * MR * nr, l0 > 0);
   }
   if (L == 0) std::fill(tiles, tiles + rblocks * MR * nr, T(0));
 }
@@ -148,10 +164,11 @@ struct Geo {
   int64_t B, C, H, W, Co, heads, co, kh, kw, kk, keep, sh, sw, ph, pw, dh, dw, Ho, Wo, HW, HoWo;
   int64_t Hp, Wp;     // zero-padded input plane
   int64_t plane;      // elements per padded plane buffer (with read-over slack)
+  int64_t fplane;     // stride-1 forward: elements per column-shifted plane (Hp x Wo, with slack)
   int64_t co_a;       // co rounded up to MR (rows of the packed weight panels)
   int64_t co_b;       // co rounded up to NR (columns of the weight-gradient tiles)
-  bool direct;        // stride 1: B rows read straight from the planes
-  int64_t P, panels;  // forward GEMM pixels (Ho * Wp direct, Ho * Wo packed) and 32-pixel panels
+  bool direct;        // stride 1: B rows are contiguous rows of column-shifted planes
+  int64_t P, panels;  // forward GEMM pixels (Ho * Wo) and 32-pixel panels
   // backward: stride-1 grid of the zero-inserted output gradient
   int64_t G1h, lead, gplane, L1;
 };
@@ -169,10 +186,11 @@ Geo make_geo(const DynGroupConvProblem& p) {
   g.Hp = g.H + 2 * g.ph, g.Wp = g.W + 2 * g.pw;
   const int64_t nr = NR<T>;
   g.plane = round_up(g.Hp * g.Wp + (g.kw - 1) * g.dw + nr, 16);
+  g.fplane = round_up(g.Hp * g.Wo + nr, 16);
   g.co_a = round_up(g.co, MR);
   g.co_b = round_up(g.co, nr);
   g.direct = g.sh == 1 && g.sw == 1;
-  g.P = g.direct ? g.Ho * g.Wp : g.Ho * g.Wo;
+  g.P = g.Ho * g.Wo;
   g.panels = (g.P + nr - 1) / nr;
   g.G1h = g.Hp - (g.kh - 1) * g.dh;
   g.lead = round_up((g.kh - 1) * g.dh * g.Wp + (g.kw - 1) * g.dw, 16);
@@ -188,6 +206,7 @@ struct Ctx {
   const T* w;
   const T* s;
   const int64_t* goff;   // strided forward: padded-plane offset of output pixel p (Ho * Wo)
+  const T* wpan;         // forward, large batches: filters in panel-major order (see pack_filters)
   T* out;
   const T* gout;
   T* gx;                 // backward: s * d_plane per (b, h, slot) (B * heads * keep * HW)
@@ -195,31 +214,46 @@ struct Ctx {
   T* ds;
 };
 
+// Per-thread scratch storage kept between calls (grow-only, one slot per buffer): fresh vectors
+// of a few hundred KB per call went to mmap / munmap and page-faulted on every call (6% of a B = 1
+// forward). A thread keeps at most its largest call's scratch (a few MB at C = 512).
+template <class E>
+E* pooled(int slot, int64_t n) {
+  static thread_local std::vector<E> pool[8];
+  std::vector<E>& v = pool[slot];
+  if (static_cast<int64_t>(v.size()) < n) {
+    std::vector<E>().swap(v);
+    v.resize(static_cast<size_t>(n));
+  }
+  return v.data();
+}
+
 template <class T>
 struct Scratch {
-  std::vector<T> tmp, planes, bpack, tile, gbuf, gt, apack;
+  T *tmp, *planes, *bpack = nullptr, *tile, *gbuf = nullptr, *gt = nullptr, *apack;
   // weight-gradient partial: blocks (h, c) of kk x co_b, zeroed when a task first touches them
   std::shared_ptr<T[]> dwt;
   std::shared_ptr<uint8_t[]> touched;
-  std::vector<int32_t> idx;
-  std::vector<int64_t> aoff, boff, dst, roff;
+  int32_t* idx;
+  int64_t *aoff, *boff, *dst, *roff;
   Scratch(const Geo& g, bool backward) {
     const int64_t nr = NR<T>, K = g.keep * g.kk;
-    tmp.resize(g.C);
-    idx.resize(g.C);
-    planes.resize(g.keep * g.plane);
-    tile.resize(std::max(g.co_a, round_up(g.keep, MR)) * nr);  // a panel's tiles (all row blocks)
-    aoff.resize(round_up(std::max(K, g.co * g.kk), MR) + MR);
-    boff.resize(std::max(K, g.co * g.kk) + MR);
-    dst.resize(nr);
-    roff.resize(g.kk);
+    tmp = pooled<T>(0, std::max(g.C, g.Wp));  // selection scratch, then a padded row (stride-1 forward)
+    idx = pooled<int32_t>(0, g.C);
+    planes = pooled<T>(1, g.direct && !backward ? g.keep * g.kw * g.fplane : g.keep * g.plane);
+    tile = pooled<T>(2, std::max(g.co_a, round_up(g.keep, MR)) * nr);  // a panel's tiles (all row blocks)
+    aoff = pooled<int64_t>(0, round_up(std::max(K, g.co * g.kk), MR) + MR);
+    boff = pooled<int64_t>(1, std::max(K, g.co * g.kk) + MR);
+    dst = pooled<int64_t>(2, nr);
+    roff = pooled<int64_t>(3, g.kk);
     for (int64_t r = 0; r < g.kk; ++r) roff[r] = (r / g.kw) * g.dh * g.Wp + (r % g.kw) * g.dw;
-    if (!backward) bpack.resize(K * nr + 64 / sizeof(T));
-    if (!backward) apack.resize(g.co_a * K);
-    if (backward) {
-      gbuf.resize(g.co * g.gplane);
-      gt.resize(g.L1 * g.co_b);
-      apack.resize(round_up(g.keep, MR) * g.co * g.kk);
+    if (!backward) {
+      if (!g.direct) bpack = pooled<T>(3, K * nr + 64 / sizeof(T));
+      apack = pooled<T>(4, g.co_a * K);
+    } else {
+      gbuf = pooled<T>(5, g.co * g.gplane);
+      gt = pooled<T>(6, g.L1 * g.co_b);
+      apack = pooled<T>(4, round_up(g.keep, MR) * g.co * g.kk);
       dwt.reset(new T[g.heads * g.C * g.kk * g.co_b]);
       touched.reset(new uint8_t[g.heads * g.C]());
     }
@@ -260,82 +294,99 @@ PYECCV_INLINE void fill_planes(const Geo& g, const T* xb, const T* sb, const int
   }
 }
 
+// Stride-1 forward: planes[i kw + dx] (Hp x Wo, row stride Wo) = column dx * dw onwards of the
+// zero-padded plane of saliency * x[b][idx[i]], zero slack after. Tap (dy, dx) of output pixel
+// p = oh Wo + ow then reads planes[i kw + dx][p + dy dh Wo]: contiguous in p, and only the Ho x Wo
+// output pixels are computed (Wp-wide output rows wasted 2 pw / Wp of the FMAs: 12.5% at 14 x 14).
+template <class T>
+PYECCV_INLINE void fill_shifted_planes(const Geo& g, const T* xb, const T* sb, const int32_t* idx, int64_t n,
+                                       T* planes, T* row) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T sc = sb[idx[i]];
+    const T* src = xb + idx[i] * g.HW;
+    for (int64_t dx = 0; dx < g.kw; ++dx) {
+      T* pl = planes + (i * g.kw + dx) * g.fplane;
+      std::fill(pl, pl + g.ph * g.Wo, T(0));
+      std::fill(pl + (g.ph + g.H) * g.Wo, pl + g.fplane, T(0));
+    }
+    std::fill(row, row + g.Wp, T(0));
+    for (int64_t y = 0; y < g.H; ++y) {
+      const T* q = src + y * g.W;
+#pragma omp simd
+      for (int64_t v = 0; v < g.W; ++v) row[g.pw + v] = sc * q[v];
+      for (int64_t dx = 0; dx < g.kw; ++dx)
+        copy_short(row + dx * g.dw, g.Wo, planes + (i * g.kw + dx) * g.fplane + (y + g.ph) * g.Wo);
+    }
+  }
+}
+
 template <class T>
 PYECCV_INLINE void task_forward(const Ctx<T>& c, int64_t bh, int64_t pan0, int64_t pan1, Scratch<T>& w) {
   const Geo& g = c.g;
   constexpr int64_t nr = NR<T>;
   const int64_t b = bh / g.heads, h = bh % g.heads;
   const T* sb = c.s + bh * g.C;
-  const int64_t n = select(sb, g.C, g.keep, w.tmp.data(), w.idx.data());
+  const int64_t n = select(sb, g.C, g.keep, w.tmp, w.idx);
   const int64_t K = n * g.kk;
-  fill_planes(g, c.x + b * g.C * g.HW, sb, w.idx.data(), n, w.planes.data());
+  if (g.direct)
+    fill_shifted_planes(g, c.x + b * g.C * g.HW, sb, w.idx, n, w.planes, w.tmp);
+  else
+    fill_planes(g, c.x + b * g.C * g.HW, sb, w.idx, n, w.planes);
   // A panels: ap[(mb K + k) MR + i] = W[h co + mb MR + i][idx[k / kk]][k % kk] (the kept columns only)
-  T* ap = w.apack.data();
-  for (int64_t mb = 0; mb < g.co_a / MR; ++mb)
-    for (int64_t i = 0; i < MR; ++i) {
-      const int64_t m = mb * MR + i;
-      T* d = ap + mb * K * MR + i;
-      if (m >= g.co) {
-        for (int64_t k = 0; k < K; ++k) d[k * MR] = T(0);
-        continue;
-      }
-      const T* src = c.w + (h * g.co + m) * g.C * g.kk;
-      for (int64_t ci = 0; ci < n; ++ci) {
-        const T* sc = src + w.idx[ci] * g.kk;
-        for (int64_t r = 0; r < g.kk; ++r) d[(ci * g.kk + r) * MR] = sc[r];
+  T* ap = w.apack;
+  const int64_t mblocks = g.co_a / MR, kkm = g.kk * MR;
+  if (c.wpan) {  // per kept channel one contiguous kk x MR block of the panel-major filters
+    for (int64_t mb = 0; mb < mblocks; ++mb) {
+      const T* src = c.wpan + (h * mblocks + mb) * g.C * kkm;
+      T* d = ap + mb * K * MR;
+      for (int64_t ci = 0; ci < n; ++ci) copy_short(src + w.idx[ci] * kkm, kkm, d + ci * kkm);
+    }
+  } else {  // small batches: gather from the filter rows (each row read in order, 9-float runs)
+    for (int64_t mb = 0; mb < mblocks; ++mb) {
+      T* d0 = ap + mb * K * MR;
+      for (int64_t i = 0; i < MR; ++i) {
+        const int64_t m = mb * MR + i;
+        T* d = d0 + i;
+        if (m >= g.co) {
+          for (int64_t k = 0; k < K; ++k) d[k * MR] = T(0);
+          continue;
+        }
+        const T* row = c.w + (h * g.co + m) * g.C * g.kk;
+        for (int64_t ci = 0; ci < n; ++ci) {
+          const T* src = row + w.idx[ci] * g.kk;
+          T* dc = d + ci * kkm;
+          for (int64_t r = 0; r < g.kk; ++r) dc[r * MR] = src[r];
+        }
       }
     }
-  int64_t* boff = w.boff.data();
-  int64_t* lin = w.aoff.data();  // packed B rows: k * NR
-  for (int64_t k = 0; k < K; ++k) {
-    boff[k] = (k / g.kk) * g.plane + w.roff[k % g.kk];
-    lin[k] = k * nr;
   }
+  int64_t* boff = w.boff;
+  for (int64_t ci = 0, k = 0; ci < n; ++ci)
+    for (int64_t dy = 0; dy < g.kh; ++dy)
+      for (int64_t dx = 0; dx < g.kw; ++dx, ++k)
+        boff[k] = g.direct ? (ci * g.kw + dx) * g.fplane + dy * g.dh * g.Wo : ci * g.plane + w.roff[k - ci * g.kk];
   T* outb = c.out + b * g.Co * g.HoWo;
-  T* tile = w.tile.data();
-  int64_t* dst = w.dst.data();
+  T* tile = w.tile;
   for (int64_t pan = pan0; pan < pan1; ++pan) {
-    const int64_t n0 = pan * nr;
-    const T* Bb;
-    if (g.direct) {
-      // copy the panel's B rows (shifted plane rows) into an aligned, sequential K x NR block: the
-      // micro-kernel then streams it (unaligned, table-addressed rows ran ~25% slower)
-      T* bp = align64(w.bpack.data());
-      const T* src = w.planes.data() + n0;
+    const int64_t n0 = pan * nr, nv = std::min(nr, g.P - n0);  // output pixels n0 .. n0 + nv - 1
+    const T* Bb = w.planes + n0;  // stride 1: the B rows are rows of the shifted planes, read in place
+    const int64_t* bo = boff;
+    if (!g.direct) {  // strided: gather the panel's B rows into a sequential K x NR block
+      T* bp = align64(w.bpack);
+      const int64_t* go = c.goff + n0;
       for (int64_t k = 0; k < K; ++k) {
-        using V = typename Vec<T>::v;
-        const T* r = src + w.boff[k];
-        *reinterpret_cast<V*>(bp + k * nr) = *reinterpret_cast<const V*>(r);
-        *reinterpret_cast<V*>(bp + k * nr + Vec<T>::N) = *reinterpret_cast<const V*>(r + Vec<T>::N);
-      }
-      Bb = bp;
-      for (int64_t j = 0; j < nr; ++j) {
-        const int64_t q = n0 + j, oh = q / g.Wp, ow = q % g.Wp;
-        dst[j] = (oh < g.Ho && ow < g.Wo) ? oh * g.Wo + ow : -1;
-      }
-    } else {
-      T* bp = align64(w.bpack.data());
-      const int64_t nv = std::min(nr, g.P - n0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T* pl = w.planes.data() + (k / g.kk) * g.plane + w.roff[k % g.kk];
-        const int64_t* go = c.goff + n0;
+        const T* pl = w.planes + boff[k];
         T* row = bp + k * nr;
         for (int64_t j = 0; j < nv; ++j) row[j] = pl[go[j]];
         for (int64_t j = nv; j < nr; ++j) row[j] = T(0);
       }
-      Bb = bp;
-      for (int64_t j = 0; j < nr; ++j) dst[j] = j < nv ? n0 + j : -1;
+      Bb = bp, bo = nullptr;
     }
-    gemm_panel(K, g.co_a / MR, ap, Bb, lin, tile);
-    for (int64_t m0 = 0; m0 < g.co; m0 += MR) {
-      const int64_t mv = std::min<int64_t>(MR, g.co - m0);
-      for (int64_t i = 0; i < mv; ++i) {
-        T* o = outb + ((m0 + i) * g.heads + h) * g.HoWo;
-        const T* t = tile + (m0 + i) * nr;
-        for (int64_t j = 0; j < nr; ++j)
-          if (dst[j] >= 0) o[dst[j]] = t[j];
-      }
-    }
+    if (nv > Vec<T>::N)
+      gemm_panel<2>(K, mblocks, ap, Bb, bo, tile);
+    else  // a panel of at most 16 (8) pixels: half the tile
+      gemm_panel<1>(K, mblocks, ap, Bb, bo, tile);
+    for (int64_t m = 0; m < g.co; ++m) copy_short(tile + m * nr, nv, outb + (m * g.heads + h) * g.HoWo + n0);
   }
 }
 
@@ -349,12 +400,12 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
   int32_t* slot = c.slot + bh * g.C;
   std::fill(dsb, dsb + g.C, T(0));
   std::fill(slot, slot + g.C, -1);
-  const int32_t* idx = w.idx.data();
-  const int64_t n = select(sb, g.C, g.keep, w.tmp.data(), w.idx.data());
+  const int32_t* idx = w.idx;
+  const int64_t n = select(sb, g.C, g.keep, w.tmp, w.idx);
   if (n == 0) return;
   const int64_t K = n * g.kk, CK = g.co * g.kk;
   const T* xb = c.x + b * g.C * g.HW;
-  fill_planes(g, xb, sb, idx, n, w.planes.data());
+  fill_planes(g, xb, sb, idx, n, w.planes);
   for (int64_t ci = 0; ci < n; ++ci) {
     const int64_t hc = h * g.C + idx[ci];
     if (!w.touched[hc]) {
@@ -363,7 +414,7 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
     }
   }
   // g_h in the stride-1 padded grid: g1_m[lead + (oh sh) Wp + ow sw] = g[b][m heads + h][oh][ow]
-  T* gbuf = w.gbuf.data();
+  T* gbuf = w.gbuf;
   std::fill(gbuf, gbuf + g.co * g.gplane, T(0));
   for (int64_t m = 0; m < g.co; ++m) {
     const T* src = c.gout + (b * g.Co + m * g.heads + h) * g.HoWo;
@@ -372,22 +423,22 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
       for (int64_t ow = 0; ow < g.Wo; ++ow) d[oh * g.sh * g.Wp + ow * g.sw] = src[oh * g.Wo + ow];
   }
   // weight gradient: rows (c, r), columns m, reduction over the grid l < L1
-  T* gt = w.gt.data();
+  T* gt = w.gt;
   for (int64_t l = 0; l < g.L1; ++l) {
     T* row = gt + l * g.co_b;
     for (int64_t m = 0; m < g.co; ++m) row[m] = gbuf[m * g.gplane + g.lead + l];
     for (int64_t m = g.co; m < g.co_b; ++m) row[m] = T(0);
   }
-  int64_t* arow = w.aoff.data();
+  int64_t* arow = w.aoff;
   for (int64_t k = 0; k < round_up(K, MR); ++k) {
     const int64_t kc = std::min(k, K - 1);
     arow[k] = (kc / g.kk) * g.plane + w.roff[kc % g.kk];
   }
-  T* tile = w.tile.data();
+  T* tile = w.tile;
   for (int64_t k0 = 0; k0 < K; k0 += MR) {
     const int64_t kv = std::min<int64_t>(MR, K - k0);
     for (int64_t m0 = 0; m0 < g.co_b; m0 += nr) {
-      micro_cols(g.L1, w.planes.data(), arow + k0, gt + m0, g.co_b, tile);
+      micro_cols(g.L1, w.planes, arow + k0, gt + m0, g.co_b, tile);
       for (int64_t i = 0; i < kv; ++i) {
         const int64_t k = k0 + i;
         T* d = w.dwt.get() + ((h * g.C + idx[k / g.kk]) * g.kk + k % g.kk) * g.co_b + m0;
@@ -398,7 +449,7 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
     }
   }
   // input gradient: rows = kept channels, reduction (m, r), columns q over the interior rows
-  T* ap = w.apack.data();
+  T* ap = w.apack;
   const int64_t cpanels = (n + MR - 1) / MR;
   // ap[(cp CK + m kk + r) MR + i] = W[h co + m][idx[cp MR + i]][r]: row m of the head's filters is
   // walked once, in channel order (the reads stream; the panel stays in cache)
@@ -415,7 +466,7 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
   for (int64_t l = 0; l < CK; ++l) boff[l] = (l / g.kk) * g.gplane + g.lead - w.roff[l % g.kk];
   T* gxb = c.gx + bh * g.keep * g.HW;
   const int64_t q0 = g.ph * g.Wp, qn = g.H * g.Wp;
-  int64_t* dst = w.dst.data();
+  int64_t* dst = w.dst;
   for (int64_t n0 = 0; n0 < qn; n0 += nr) {
     for (int64_t j = 0; j < nr; ++j) {  // interior pixel of column j, or -1 (padding / past the end)
       const int64_t q = n0 + j, y = q / g.Wp, xw = q % g.Wp - g.pw;
@@ -517,6 +568,29 @@ Ctx<T> make_ctx(const DynGroupConvProblem& p) {
   return c;
 }
 
+// wpan[((h mblocks + mb) C + c) kk MR + r MR + i] = W[h co + mb MR + i][c][r] (0 for rows >= co):
+// every (head, 8-row block, channel) a contiguous kk x MR block, so a task packs its kept channels'
+// filter panels with contiguous copies. One pass over the filters per call: used when the tasks'
+// packing (B x keep / C of the filters) outweighs it.
+template <class T>
+void pack_filters(const Geo& g, const T* w, T* wpan, int nt) {
+  const int64_t mblocks = g.co_a / MR, kkm = g.kk * MR;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t hm = 0; hm < g.heads * mblocks; ++hm) {
+    const int64_t h = hm / mblocks, mb = hm % mblocks;
+    const int64_t mv = std::min<int64_t>(MR, g.co - mb * MR);
+    T* d = wpan + hm * g.C * kkm;
+    for (int64_t i = 0; i < MR; ++i) {
+      if (i >= mv) {
+        for (int64_t e = 0; e < g.C * g.kk; ++e) d[e * MR + i] = T(0);
+        continue;
+      }
+      const T* src = w + (h * g.co + mb * MR + i) * g.C * g.kk;
+      for (int64_t e = 0; e < g.C * g.kk; ++e) d[e * MR + i] = src[e];
+    }
+  }
+}
+
 template <class T>
 void run_forward(const DynGroupConvProblem& p, void* out, int num_threads) {
   check(p);
@@ -537,6 +611,11 @@ void run_forward(const DynGroupConvProblem& p, void* out, int num_threads) {
                        static_cast<double>(g.B) * g.Co * g.keep * g.kk * g.HoWo);
   // fewer than two (b, h) tasks per thread: split the pixel panels into chunks
   const int64_t chunks = std::min<int64_t>(g.panels, std::max<int64_t>(1, (2 * nt + bh_tasks - 1) / bh_tasks));
+  if (g.B * g.keep >= 4 * g.C) {  // the calling thread's pool (slot 7: not used by Scratch)
+    T* wpan = pooled<T>(7, g.heads * g.co_a * g.C * g.kk);
+    pack_filters(g, c.w, wpan, nt);
+    c.wpan = wpan;
+  }
   const int64_t per = (g.panels + chunks - 1) / chunks;
   const int64_t tasks = bh_tasks * chunks;
 #pragma omp parallel num_threads(nt) if (nt > 1)

@@ -1,7 +1,8 @@
 """Benchmark cases of the Dynamic Group Convolution core (DGC, Su et al., ECCV 2020): the
 saliency-gated multi-head 3x3 convolution (padding 1, 4 heads, C_out = C_in) at gate factors 0.25 and
 0.5 (keep = gate * C input channels per head), at B=64, C=256, 14x14; B=64, C=128, 28x28 and
-B=1, C=256, 14x14; the whole DGC layer (BN, ReLU, saliency heads, conv) in eval mode at the final
+B=1, C=256, 14x14 (plus the small maps of a CIFAR DGC-ResNet-18: B=64, C=256, 8x8 and C=512,
+4x4, gate 0.25); the whole DGC layer (BN, ReLU, saliency heads, conv) in eval mode at the final
 pruning level; and forward + backward of the op at B=64, C=128, 28x28, gate 0.25.
 
 Implementations, on the same float32 inputs (saliency >= 0 with some zeros, as a ReLU output):
@@ -206,6 +207,9 @@ CASES = [
     _fwd_case(64, 128, 28, 0.5, quick=False),
     _fwd_case(1, 256, 14, 0.25, quick=True),
     _fwd_case(1, 256, 14, 0.5, quick=True),
+    # small maps: layers 3 and 4 of the official-width DGC-ResNet-18 on 32 x 32 (CIFAR) inputs
+    _fwd_case(64, 256, 8, 0.25, quick=False),
+    _fwd_case(64, 512, 4, 0.25, quick=False),
     _layer_case(64, 256, 14, 0.25, quick=True),
     _fwd_bwd_case(64, 128, 28, 0.25, quick=True),
 ]

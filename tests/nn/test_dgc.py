@@ -189,3 +189,58 @@ def test_resnet_cifar_forward_backward(g):
     with pytest.raises(ValueError):
         dgc_resnet18(10, stem="tiny")
     assert pyeccv.models.DGCResNet is type(model)
+
+
+def test_resnet_width_and_backend(g):
+    """width scales every stage (same keys as the official model); the backend reaches every layer."""
+    model = dgc_resnet18(5, stem="cifar", width=8, heads=4).double()
+    sd = model.state_dict()
+    assert list(sd) == list(dgc_resnet18(5, stem="cifar").state_dict())
+    assert sd["conv1.weight"].shape == (8, 3, 3, 3) and sd["fc.weight"].shape == (5, 64)
+    assert sd["layer3.0.conv1.headconv_0.conv.weight"].shape == (8, 16, 3, 3)  # 32 outputs over 4 heads
+    for bad in (6, 0, 2.0):
+        with pytest.raises(ValueError, match="width"):
+            dgc_resnet18(5, width=bad, heads=4)
+    model.set_progress(0.9)
+    x = testing.randn(3, 3, 12, 12, g=g, dtype=torch.float64)
+    with torch.no_grad():  # training mode (batch statistics: an untrained net's eval mode can overflow)
+        want = model(x, backend="torch")[0]
+        assert all(m.keep == m.in_channels // 4 for m in model.modules() if isinstance(m, DynamicGroupConv2d))
+        testing.assert_close(model(x, backend="native")[0], want, "reduction", torch.float64)
+        with pytest.raises(ValueError, match="backend"):
+            model(x, backend="cudnn")
+
+
+def test_resnet_recalibrate_bn(g):
+    """recalibrate_bn: running statistics = the exact average of the batch statistics at the current
+    weights (stem BN checked by hand), nothing else changes (parameters, pruning level, momentum,
+    training flag)."""
+    model = dgc_resnet18(4, stem="cifar", width=8, heads=4).double()
+    model.set_progress(0.5)
+    with torch.no_grad():
+        model(testing.randn(2, 3, 8, 8, g=g, dtype=torch.float64))  # running stats move, pruning level set
+    keep = [m.inactive_channels for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
+    model.set_progress(1.0)  # a training-mode forward would prune further; recalibration must not
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    batches = [testing.randn(5, 3, 8, 8, g=g, dtype=torch.float64) for _ in range(3)]
+    model.eval()
+    assert model.recalibrate_bn(iter(batches)) == 15
+    assert not model.training
+    assert [m.inactive_channels for m in model.modules() if isinstance(m, DynamicGroupConv2d)] == keep
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        stem = [model.conv1(b) for b in batches]
+    mean = torch.stack([s.mean((0, 2, 3)) for s in stem]).mean(0)
+    var = torch.stack([s.var((0, 2, 3), unbiased=True) for s in stem]).mean(0)
+    testing.assert_close(model.bn1.running_mean, mean, "reduction", torch.float64)
+    testing.assert_close(model.bn1.running_var, var, "reduction", torch.float64)
+    assert int(model.bn1.num_batches_tracked) == 3
+    # the last block's BN saw pruned DGC outputs: recalibrating twice gives the same statistics
+    first = model.layer4[1].bn2.running_var.clone()
+    model.train()
+    model.recalibrate_bn(batches)
+    assert model.training
+    testing.assert_close(model.layer4[1].bn2.running_var, first, "reduction", torch.float64)
+    with pytest.raises(ValueError, match="empty"):
+        model.recalibrate_bn([])
