@@ -29,10 +29,11 @@ CASES = [
     (3, 20, 40, 13, 11, 3, 4, 9, 2, 1, 1),
     (2, 17, 18, 9, 10, 1, 3, 5, 2, 0, 1),
     # B x keep >= 4 C: the C++ forward's panel-major filter path (a partial filter block; 4 x 4 maps:
-    # one panel of 16 pixels, the half-width micro-kernel in float32; strided)
+    # one panel of 16 pixels, the half-width micro-kernel in float32; strided; several panels)
     (9, 6, 10, 5, 7, 3, 2, 3, 1, 1, 1),
     (12, 5, 24, 4, 4, 3, 2, 5, 1, 1, 1),
     (8, 6, 8, 9, 9, 3, 2, 3, 2, 1, 1),
+    (4, 4, 6, 13, 12, 3, 2, 4, 1, 1, 1),
 ]
 
 
