@@ -66,14 +66,18 @@ constexpr int64_t NR = 2 * Vec<T>::N;  // columns of the register tile: two vect
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 // d[0 .. n) = s[0 .. n) for short runs (plane rows, tile rows, filter blocks): vector moves, no
-// call (GCC turns a plain loop into a memmove call, ~20 cycles for a few elements)
+// call (GCC turns a plain loop into a memmove call, ~20 cycles for a few elements); n >= one vector:
+// the last vector overlaps the previous one instead of a scalar tail (s and d do not overlap)
 template <class T>
 PYECCV_INLINE void copy_short(const T* s, int64_t n, T* d) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
-  int64_t j = 0;
-  for (; j + N <= n; j += N) *reinterpret_cast<V*>(d + j) = *reinterpret_cast<const V*>(s + j);
-  for (; j < n; ++j) d[j] = s[j];
+  if (n < N) {
+    for (int64_t j = 0; j < n; ++j) d[j] = s[j];
+    return;
+  }
+  for (int64_t j = 0; j + N < n; j += N) *reinterpret_cast<V*>(d + j) = *reinterpret_cast<const V*>(s + j);
+  *reinterpret_cast<V*>(d + n - N) = *reinterpret_cast<const V*>(s + n - N);
 }
 
 template <class T>
@@ -244,7 +248,7 @@ struct Scratch {
     tile = pooled<T>(2, std::max(g.co_a, round_up(g.keep, MR)) * nr);  // a panel's tiles (all row blocks)
     aoff = pooled<int64_t>(0, round_up(std::max(K, g.co * g.kk), MR) + MR);
     boff = pooled<int64_t>(1, std::max(K, g.co * g.kk) + MR);
-    dst = pooled<int64_t>(2, nr);
+    dst = pooled<int64_t>(2, 3 * nr);  // backward: up to nr runs of (column, pixel, length)
     roff = pooled<int64_t>(3, g.kk);
     for (int64_t r = 0; r < g.kk; ++r) roff[r] = (r / g.kw) * g.dh * g.Wp + (r % g.kw) * g.dw;
     if (!backward) {
@@ -419,8 +423,11 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
   for (int64_t m = 0; m < g.co; ++m) {
     const T* src = c.gout + (b * g.Co + m * g.heads + h) * g.HoWo;
     T* d = gbuf + m * g.gplane + g.lead;
-    for (int64_t oh = 0; oh < g.Ho; ++oh)
-      for (int64_t ow = 0; ow < g.Wo; ++ow) d[oh * g.sh * g.Wp + ow * g.sw] = src[oh * g.Wo + ow];
+    if (g.direct)
+      for (int64_t oh = 0; oh < g.Ho; ++oh) copy_short(src + oh * g.Wo, g.Wo, d + oh * g.Wp);
+    else
+      for (int64_t oh = 0; oh < g.Ho; ++oh)
+        for (int64_t ow = 0; ow < g.Wo; ++ow) d[oh * g.sh * g.Wp + ow * g.sw] = src[oh * g.Wo + ow];
   }
   // weight gradient: rows (c, r), columns m, reduction over the grid l < L1
   T* gt = w.gt;
@@ -463,23 +470,32 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
     }
   }
   int64_t* boff = arow;  // B row (m, r): g1_m shifted back by the tap offset (table reused)
-  for (int64_t l = 0; l < CK; ++l) boff[l] = (l / g.kk) * g.gplane + g.lead - w.roff[l % g.kk];
+  for (int64_t m = 0, l = 0; m < g.co; ++m)
+    for (int64_t r = 0; r < g.kk; ++r, ++l) boff[l] = m * g.gplane + g.lead - w.roff[r];
   T* gxb = c.gx + bh * g.keep * g.HW;
   const int64_t q0 = g.ph * g.Wp, qn = g.H * g.Wp;
   int64_t* dst = w.dst;
-  for (int64_t n0 = 0; n0 < qn; n0 += nr) {
-    for (int64_t j = 0; j < nr; ++j) {  // interior pixel of column j, or -1 (padding / past the end)
-      const int64_t q = n0 + j, y = q / g.Wp, xw = q % g.Wp - g.pw;
-      dst[j] = (y < g.H && xw >= 0 && xw < g.W) ? y * g.W + xw : -1;
+  for (int64_t n0 = 0, y0 = 0, x0 = 0; n0 < qn; n0 += nr) {
+    // the panel's interior pixels as runs (column j0, input pixel d0, length) within padded rows
+    int64_t runs = 0;
+    for (int64_t j = 0, y = y0, xq = x0; j < nr && y < g.H;) {
+      const int64_t len = std::min(nr - j, g.Wp - xq), xw = xq - g.pw;
+      const int64_t a = std::max<int64_t>(xw, 0), e = std::min<int64_t>(xw + len, g.W);
+      if (a < e) {
+        dst[3 * runs] = j + (a - xw), dst[3 * runs + 1] = y * g.W + a, dst[3 * runs + 2] = e - a;
+        ++runs;
+      }
+      j += len, xq += len;
+      if (xq == g.Wp) xq = 0, ++y;
     }
+    x0 += nr, y0 += x0 / g.Wp, x0 %= g.Wp;  // the next panel's start (one division a panel)
     gemm_panel(CK, cpanels, ap, gbuf + q0 + n0, boff, tile);
     for (int64_t cp = 0; cp < cpanels; ++cp) {
       const int64_t cv = std::min<int64_t>(MR, n - cp * MR);
       for (int64_t i = 0; i < cv; ++i) {
         T* d = gxb + (cp * MR + i) * g.HW;
         const T* t = tile + (cp * MR + i) * nr;
-        for (int64_t j = 0; j < nr; ++j)
-          if (dst[j] >= 0) d[dst[j]] = t[j];
+        for (int64_t u = 0; u < runs; ++u) copy_short(t + dst[3 * u], dst[3 * u + 2], d + dst[3 * u + 1]);
       }
     }
   }
