@@ -65,6 +65,35 @@ constexpr int64_t NR = 2 * Vec<T>::N;  // columns of the register tile: two vect
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
+// d[j MR + i] = rows[i][off + j] for i, j < 8 (MR = 8): an 8 x 8 transpose in registers, three
+// stages of two-source shuffles (GCC vector extensions: any target).
+template <class T>
+PYECCV_INLINE void transpose8(const T* const* rows, int64_t off, T* d) {
+  static_assert(MR == 8, "transpose8 transposes 8 x 8 blocks");
+  typedef T V8 __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T)), __may_alias__));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  typedef I M8 __attribute__((vector_size(8 * sizeof(T))));
+  V8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const V8*>(rows[i] + off);
+  const M8 lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const M8 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const M8 lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], lo2);
+      u[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], hi2);
+    }
+  // u[0] = (r0..r3 at columns 0, 4), u[1] = (.. 1, 5), u[2] = (.. 2, 6), u[3] = (.. 3, 7); u[4..7]: rows 4..7
+  for (int j = 0; j < 4; ++j) {
+    *reinterpret_cast<V8*>(d + j * 8) = __builtin_shuffle(u[j], u[j + 4], lo3);
+    *reinterpret_cast<V8*>(d + (j + 4) * 8) = __builtin_shuffle(u[j], u[j + 4], hi3);
+  }
+}
+
 // d[0 .. n) = s[0 .. n) for short runs (plane rows, tile rows, filter blocks): vector moves, no
 // call (GCC turns a plain loop into a memmove call, ~20 cycles for a few elements); n >= one vector:
 // the last vector overlaps the previous one instead of a scalar tail (s and d do not overlap)
@@ -73,6 +102,13 @@ PYECCV_INLINE void copy_short(const T* s, int64_t n, T* d) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
   if (n < N) {
+    typedef T H __attribute__((vector_size(32), aligned(sizeof(T)), __may_alias__));  // half a vector
+    constexpr int NH = N / 2;
+    if (n >= NH) {  // two overlapping half-vector moves (e.g. 14-float plane rows)
+      *reinterpret_cast<H*>(d) = *reinterpret_cast<const H*>(s);
+      *reinterpret_cast<H*>(d + n - NH) = *reinterpret_cast<const H*>(s + n - NH);
+      return;
+    }
     for (int64_t j = 0; j < n; ++j) d[j] = s[j];
     return;
   }
@@ -345,22 +381,19 @@ PYECCV_INLINE void task_forward(const Ctx<T>& c, int64_t bh, int64_t pan0, int64
       T* d = ap + mb * K * MR;
       for (int64_t ci = 0; ci < n; ++ci) copy_short(src + w.idx[ci] * kkm, kkm, d + ci * kkm);
     }
-  } else {  // small batches: gather from the filter rows (each row read in order, 9-float runs)
+  } else {  // small batches: gather from the 8 filter rows of each block, 8 taps at a time by an
+            // 8 x 8 transpose in registers (scalar strided stores cost ~2 cycles an element)
     for (int64_t mb = 0; mb < mblocks; ++mb) {
+      const T* rows[MR];  // a partial block repeats its last row: those tile rows are never stored
+      for (int64_t i = 0; i < MR; ++i) rows[i] = c.w + (h * g.co + std::min(mb * MR + i, g.co - 1)) * g.C * g.kk;
       T* d0 = ap + mb * K * MR;
-      for (int64_t i = 0; i < MR; ++i) {
-        const int64_t m = mb * MR + i;
-        T* d = d0 + i;
-        if (m >= g.co) {
-          for (int64_t k = 0; k < K; ++k) d[k * MR] = T(0);
-          continue;
-        }
-        const T* row = c.w + (h * g.co + m) * g.C * g.kk;
-        for (int64_t ci = 0; ci < n; ++ci) {
-          const T* src = row + w.idx[ci] * g.kk;
-          T* dc = d + ci * kkm;
-          for (int64_t r = 0; r < g.kk; ++r) dc[r * MR] = src[r];
-        }
+      for (int64_t ci = 0; ci < n; ++ci) {
+        const int64_t off = w.idx[ci] * g.kk;
+        T* dc = d0 + ci * kkm;
+        int64_t r = 0;
+        for (; r + MR <= g.kk; r += MR) transpose8(rows, off + r, dc + r * MR);
+        for (; r < g.kk; ++r)
+          for (int64_t i = 0; i < MR; ++i) dc[r * MR + i] = rows[i][off + r];
       }
     }
   }
