@@ -275,22 +275,22 @@ struct Scratch {
   std::shared_ptr<T[]> dwt;
   std::shared_ptr<uint8_t[]> touched;
   int32_t* idx;
-  int64_t *aoff, *boff, *dst, *roff;
+  int64_t *aoff = nullptr, *boff, *dst = nullptr, *roff;  // aoff, dst: backward only
   Scratch(const Geo& g, bool backward) {
     const int64_t nr = NR<T>, K = g.keep * g.kk;
     tmp = pooled<T>(0, std::max(g.C, g.Wp));  // selection scratch, then a padded row (stride-1 forward)
     idx = pooled<int32_t>(0, g.C);
     planes = pooled<T>(1, g.direct && !backward ? g.keep * g.kw * g.fplane : g.keep * g.plane);
     tile = pooled<T>(2, std::max(g.co_a, round_up(g.keep, MR)) * nr);  // a panel's tiles (all row blocks)
-    aoff = pooled<int64_t>(0, round_up(std::max(K, g.co * g.kk), MR) + MR);
     boff = pooled<int64_t>(1, std::max(K, g.co * g.kk) + MR);
-    dst = pooled<int64_t>(2, 3 * nr);  // backward: up to nr runs of (column, pixel, length)
     roff = pooled<int64_t>(3, g.kk);
     for (int64_t r = 0; r < g.kk; ++r) roff[r] = (r / g.kw) * g.dh * g.Wp + (r % g.kw) * g.dw;
     if (!backward) {
       if (!g.direct) bpack = pooled<T>(3, K * nr + 64 / sizeof(T));
       apack = pooled<T>(4, g.co_a * K);
     } else {
+      aoff = pooled<int64_t>(0, round_up(std::max(K, g.co * g.kk), MR));  // rows (c, r), then (m, r)
+      dst = pooled<int64_t>(2, 3 * nr);  // up to nr runs of (column, pixel, length)
       gbuf = pooled<T>(5, g.co * g.gplane);
       gt = pooled<T>(6, g.L1 * g.co_b);
       apack = pooled<T>(4, round_up(g.keep, MR) * g.co * g.kk);
@@ -470,7 +470,7 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
     for (int64_t m = g.co; m < g.co_b; ++m) row[m] = T(0);
   }
   int64_t* arow = w.aoff;
-  for (int64_t k = 0; k < round_up(K, MR); ++k) {
+  for (int64_t k = 0; k < round_up(K, MR); ++k) {  // rows past K repeat the last one (never stored)
     const int64_t kc = std::min(k, K - 1);
     arow[k] = (kc / g.kk) * g.plane + w.roff[kc % g.kk];
   }
