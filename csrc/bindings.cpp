@@ -6,8 +6,19 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
+// Instruction counting (`python -m pyeccv bench --count instructions`): callgrind's client requests
+// are a few no-op instructions outside valgrind; header-only, used only when the build finds it.
+#if defined(__has_include)
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#define PYECCV_HAS_CALLGRIND 1
+#endif
+#endif
+
+#include "common/isa.h"
 #include "pyeccv/common.h"
 #include "pyeccv/cond_mask_head.h"
 #include "pyeccv/dyn_group_conv.h"
@@ -161,6 +172,26 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyeccv compiled kernels (torch-free core; see csrc/include/pyeccv)";
   m.def("cuda_compiled", &pyeccv::cuda_compiled, "True when the CUDA kernels were built in");
   m.def("build_info", &pyeccv::build_info);
+  m.def("cpu_isa", &pyeccv::cpu_isa_name, "the CPU instruction-set variant serving the kernels");
+  m.def("set_cpu_isa", [](const std::string& name) { pyeccv::set_cpu_isa(name.c_str()); }, py::arg("name"));
+  m.def("cpu_isas_available", &pyeccv::cpu_isas_available);
+  m.def("cpu_isas_compiled", &pyeccv::cpu_isas_compiled);
+  m.def("cpu_model", &pyeccv::cpu_model);
+  m.def("_restrict_cpu_isas_for_testing", &pyeccv::restrict_cpu_isas_for_testing, py::arg("mask"));
+#ifdef PYECCV_HAS_CALLGRIND
+  m.def("callgrind_available", [] { return true; });
+  m.def("running_on_valgrind", [] { return RUNNING_ON_VALGRIND != 0; });
+  m.def("callgrind_start", [] { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; CALLGRIND_TOGGLE_COLLECT; });
+  m.def("callgrind_stop", [](const std::string& name) {
+    CALLGRIND_TOGGLE_COLLECT;
+    CALLGRIND_DUMP_STATS_AT(name.c_str());
+  }, py::arg("name"));
+#else
+  m.def("callgrind_available", [] { return false; });
+  m.def("running_on_valgrind", [] { return false; });
+  m.def("callgrind_start", [] {});
+  m.def("callgrind_stop", [](const std::string&) {}, py::arg("name"));
+#endif
 
 #define LSAP_ARGS                                                                                        \
   py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("sb"), \

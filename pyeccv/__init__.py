@@ -1,13 +1,19 @@
 """pyeccv: fast, exact, drop-in PyTorch ops for the hot cores of six ECCV 2020 papers.
 
-Cores: hungarian (DETR), smooth_ap (Smooth-AP). See README.md for the others' status.
+Cores: hungarian (DETR), smooth_ap (Smooth-AP), grad_central (Gradient Centralization),
+volume_render (NeRF), cond_mask_head (CondInst), dyn_group_conv (DGC). See README.md.
 """
+from . import _backend
+
+_backend.init_cpu_isa()  # a bad PYECCV_CPU_ISA fails here, naming the variable and the choices
+
 from . import interop, ops  # noqa: F401  (importing ops registers the torch.library ops)
 from .ops.cond_mask_head import cond_mask_head, num_gen_params
 from .ops.dyn_group_conv import dyn_group_conv2d
 from .ops.hungarian import batch_linear_sum_assignment, detr_match_cost, linear_sum_assignment
 from .ops.smooth_ap import smooth_ap_loss
 from .ops.volume_render import render_weights, render_weights_from_alpha, volume_render, volume_render_alpha
+from ._backend import available_cpu_isas, cpu_isa, set_cpu_isa, use_cpu_isa
 
 __version__ = "0.1.0"
 
@@ -32,6 +38,10 @@ __all__ = [
     "volume_render",
     "volume_render_alpha",
     "cmake_prefix_path",
+    "cpu_isa",
+    "set_cpu_isa",
+    "use_cpu_isa",
+    "available_cpu_isas",
     "__version__",
 ]
 

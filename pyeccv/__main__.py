@@ -1,6 +1,7 @@
 """`python -m pyeccv info` and `python -m pyeccv bench ...`."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import List
@@ -28,7 +29,7 @@ def _serving(op: str, device: str) -> str:
         return "triton (fused)" if _backend.has_triton() else "native (vectorised torch)"
     if op.startswith("optim."):
         if device == "cpu":
-            return "native (C++ fused multi-tensor step, OpenMP, AVX-512/AVX2 clones)"
+            return "native (C++ fused multi-tensor step, OpenMP)"
         return "triton (one multi-tensor launch per group)" if _backend.has_triton() else "unavailable (needs triton)"
     if op == "smooth_ap_loss":
         if device == "cpu":
@@ -36,15 +37,15 @@ def _serving(op: str, device: str) -> str:
         return "triton (ranks + analytic gradient)" if _backend.has_triton() else "unavailable (needs triton)"
     if op.startswith("volume_render") or op.startswith("render_weights"):
         if device == "cpu":
-            return "native (C++ per ray, OpenMP over rays, AVX-512/AVX2 clones; recomputing backward)"
+            return "native (C++ per ray, OpenMP over rays; recomputing backward)"
         return "triton (tiles of 8 rays x 32 samples, scans along rays, rays sorted by length)" if _backend.has_triton() else "unavailable (needs triton)"
     if op == "cond_mask_head":
         if device == "cpu":
-            return "native (C++ per (image, pixel tile), OpenMP, AVX-512/AVX2 clones; recomputing backward)"
+            return "native (C++ per (image, pixel tile), OpenMP; recomputing backward)"
         return "triton (MLP per (instance, pixel tile) in registers)" if _backend.has_triton() else "unavailable (needs triton)"
     if op == "dyn_group_conv2d":
         if device == "cpu":
-            return "native (C++ implicit GEMM over the kept channels per (sample, head), OpenMP, AVX-512/AVX2 clones)"
+            return "native (C++ implicit GEMM over the kept channels per (sample, head), OpenMP)"
         return ("triton (implicit GEMM over the kept channels, tensor cores)" if _backend.has_triton()
                 else "torch (gather + grouped conv2d; pip install triton for the fused kernels)")
     return "?"
@@ -73,6 +74,10 @@ def info_lines() -> List[str]:
                  f"{' (interpreter)' if _backend.triton_interpreter() else ''} | GPU: {gpu}"
                  f" | torch CUDA: {torch.version.cuda}")
     lines.append(f"CPU threads: {torch.get_num_threads()}")
+    if _backend.has_native():
+        lines.append(f"CPU: {_backend.cpu_model()} | {platform.machine()} | ISA variants this CPU runs: "
+                     f"{', '.join(_backend.available_cpu_isas())} (compiled: {', '.join(_backend.compiled_cpu_isas())})"
+                     f" | in use: {_backend.cpu_isa()} (PYECCV_CPU_ISA={os.environ.get('PYECCV_CPU_ISA', 'auto') or 'auto'})")
     for core, ops in OPS.items():
         for op in ops:
             lines.append(f"  {core:10s} {op:30s} cpu: {_serving(op, 'cpu')}")

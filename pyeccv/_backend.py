@@ -98,3 +98,64 @@ def check_backend(backend: str) -> str:
 
 def cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
+
+
+# ---- CPU instruction-set variants of the C++ kernels -------------------------------------------
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def cpu_isa() -> str:
+    """The instruction-set variant serving every vectorised CPU kernel: "avx512", "avx2" or
+    "baseline" (chosen by PYECCV_CPU_ISA, `set_cpu_isa`, or the best this CPU supports)."""
+    return C().cpu_isa()
+
+
+def available_cpu_isas() -> list:
+    """The variants compiled into this build that this CPU runs, best first."""
+    return [s for s in C().cpu_isas_available().split(", ") if s]
+
+
+def compiled_cpu_isas() -> list:
+    """The variants compiled into this build, best first (one on non-x86 builds)."""
+    return [s for s in C().cpu_isas_compiled().split(", ") if s]
+
+
+def set_cpu_isa(name: str) -> None:
+    """Select the variant for every CPU kernel of this process: "auto" | "avx512" | "avx2" |
+    "baseline". ValueError when the name is unknown or this CPU / build lacks the variant."""
+    if not isinstance(name, str):
+        raise ValueError(f"cpu isa must be a string (auto, avx512, avx2, baseline), got {type(name).__name__}")
+    C().set_cpu_isa(name)
+
+
+class use_cpu_isa:
+    """Context manager: run the block on one CPU variant, then restore the previous one."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.prev = cpu_isa()
+        set_cpu_isa(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        set_cpu_isa(self.prev)
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (cpuid brand string on x86, /proc/cpuinfo elsewhere)."""
+    return C().cpu_model()
+
+
+def init_cpu_isa() -> None:
+    """Resolve PYECCV_CPU_ISA at import, so a bad value fails there with a clear message."""
+    env = os.environ.get("PYECCV_CPU_ISA", "")
+    if not has_native():
+        return
+    try:
+        C().set_cpu_isa(env or "auto")
+    except ValueError as e:
+        raise ValueError(f"{e} (from the environment variable PYECCV_CPU_ISA={env!r})") from None

@@ -9,13 +9,6 @@
 #include <cstdint>
 #include <cstring>
 
-// Hot CPU loops are compiled three times (AVX-512, AVX2 + FMA, baseline) and picked at load time
-// by the CPU (GCC function multi-versioning), so one wheel runs everywhere at full width.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__linux__)
-#define PYECCV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYECCV_CPU_CLONES
-#endif
 #if defined(__GNUC__)
 #define PYECCV_INLINE inline __attribute__((always_inline))
 #else

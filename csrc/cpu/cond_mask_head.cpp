@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/vmath.h"
 #include "pyeccv/cond_mask_head.h"
 
@@ -17,7 +18,7 @@
 #include <omp.h>
 #endif
 
-namespace pyeccv {
+PYECCV_ISA_BEGIN
 namespace {
 
 constexpr int V = 16;       // pixels per chunk (one AVX-512 vector of floats)
@@ -334,8 +335,8 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t task, Scratch<T>& w) {
     std::copy(dfeat + k * kTile, dfeat + k * kTile + (p1 - p0), out + k * c.HW);
 }
 
-PYECCV_CPU_CLONES void fwd_f32(const Ctx<float>& c, int64_t task, Scratch<float>& w) { task_forward(c, task, w); }
-PYECCV_CPU_CLONES void bwd_f32(const Ctx<float>& c, int64_t task, Scratch<float>& w) { task_backward(c, task, w); }
+void fwd_f32(const Ctx<float>& c, int64_t task, Scratch<float>& w) { task_forward(c, task, w); }
+void bwd_f32(const Ctx<float>& c, int64_t task, Scratch<float>& w) { task_backward(c, task, w); }
 void fwd_f64(const Ctx<double>& c, int64_t task, Scratch<double>& w) { task_forward(c, task, w); }
 void bwd_f64(const Ctx<double>& c, int64_t task, Scratch<double>& w) { task_backward(c, task, w); }
 PYECCV_INLINE void fwd(const Ctx<float>& c, int64_t t, Scratch<float>& w) { fwd_f32(c, t, w); }
@@ -447,4 +448,4 @@ void cmh_backward_cpu(const CondMaskHeadProblem& p, const void* g_out, void* d_f
   else run<float>(p, true, nullptr, g_out, d_feats, d_params, num_threads);
 }
 
-}  // namespace pyeccv
+PYECCV_ISA_END

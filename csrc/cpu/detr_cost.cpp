@@ -5,6 +5,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "common/isa.h"
 #include "common/vmath.h"
 #include "pyeccv/hungarian.h"
 
@@ -12,7 +13,7 @@
 #include <omp.h>
 #endif
 
-namespace pyeccv {
+PYECCV_ISA_BEGIN
 namespace {
 
 // Softmax normaliser of one query: (max, sum of exp(x - max)). Vectorised exp; the argument is
@@ -112,7 +113,7 @@ PYECCV_INLINE void rows(const DetrCostProblem& p, int64_t begin, int64_t end) {
   for (int64_t bq = begin; bq < end; ++bq) row<T, kKind>(p, bq, out);
 }
 
-PYECCV_CPU_CLONES void rows_f32(const DetrCostProblem& p, int64_t begin, int64_t end) {
+void rows_f32(const DetrCostProblem& p, int64_t begin, int64_t end) {
   if (!p.focal) rows<float, kSoftmax>(p, begin, end);
   else if (p.gamma == 2.0) rows<float, kFocal2>(p, begin, end);
   else rows<float, kFocal>(p, begin, end);
@@ -152,4 +153,4 @@ void detr_cost_cpu(const DetrCostProblem& p, int num_threads) {
   run(p, num_threads);
 }
 
-}  // namespace pyeccv
+PYECCV_ISA_END

@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/vmath.h"
 #include "pyeccv/dyn_group_conv.h"
 
@@ -43,23 +44,26 @@
 #include <omp.h>
 #endif
 
-namespace pyeccv {
+PYECCV_ISA_BEGIN
 namespace {
 
 constexpr int MR = 8;  // rows of the register tile
 
+// One native vector of the variant (common/isa.h): 16 floats on AVX-512, 8 on AVX2, 4 on SSE2 /
+// NEON. The register tile is MR x (2 vectors); it is computed in passes of MRP rows so that the
+// accumulators plus the two B vectors and a broadcast fit the variant's registers (AVX-512 and
+// NEON: 32 registers, one pass of 8 rows; AVX2 / SSE2: 16 registers, two passes of 4 rows, which
+// read the B rows twice from L1 - 64-byte vectors on a 16-register machine spilled every step and
+// ran 35x slower).
 template <class T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float v __attribute__((vector_size(64), aligned(4), __may_alias__));
-  static constexpr int N = 16;
+struct Vec {
+  typedef T v __attribute__((vector_size(PYECCV_VEC_BYTES), aligned(sizeof(T)), __may_alias__));
+  static constexpr int N = PYECCV_VEC_BYTES / sizeof(T);
 };
-template <>
-struct Vec<double> {
-  typedef double v __attribute__((vector_size(64), aligned(8), __may_alias__));
-  static constexpr int N = 8;
-};
+template <int NV>
+constexpr int rows_per_pass() {
+  return MR * NV + NV + 2 <= PYECCV_VEC_REGS ? MR : MR / 2;
+}
 template <class T>
 constexpr int64_t NR = 2 * Vec<T>::N;  // columns of the register tile: two vectors
 
@@ -102,9 +106,9 @@ PYECCV_INLINE void copy_short(const T* s, int64_t n, T* d) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
   if (n < N) {
-    typedef T H __attribute__((vector_size(32), aligned(sizeof(T)), __may_alias__));  // half a vector
-    constexpr int NH = N / 2;
-    if (n >= NH) {  // two overlapping half-vector moves (e.g. 14-float plane rows)
+    typedef T H __attribute__((vector_size(PYECCV_VEC_BYTES / 2), aligned(sizeof(T)), __may_alias__));
+    constexpr int NH = N / 2;  // half a vector
+    if (NH >= 2 && n >= NH) {  // two overlapping half-vector moves (e.g. 14-float plane rows)
       *reinterpret_cast<H*>(d) = *reinterpret_cast<const H*>(s);
       *reinterpret_cast<H*>(d + n - NH) = *reinterpret_cast<const H*>(s + n - NH);
       return;
@@ -129,29 +133,33 @@ template <int NV, class T>
 PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* boff, T* tile, bool accumulate) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
-  V acc[MR][NV];
+  constexpr int P = rows_per_pass<NV>();
+  for (int i0 = 0; i0 < MR; i0 += P) {
+    V acc[P][NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < P; ++i)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? *reinterpret_cast<const V*>(tile + i * 2 * N + v * N) : V{};
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = accumulate ? *reinterpret_cast<const V*>(tile + (i0 + i) * 2 * N + v * N) : V{};
 #pragma GCC unroll 2
-  for (int64_t l = 0; l < L; ++l) {
-    const T* a = A + l * MR;
-    const T* b = boff ? B + boff[l] : B + l * NR<T>;
-    V bv[NV];
+    for (int64_t l = 0; l < L; ++l) {
+      const T* a = A + l * MR + i0;
+      const T* b = boff ? B + boff[l] : B + l * NR<T>;
+      V bv[NV];
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * N);
+      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * N);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const T ai = a[i];
+      for (int i = 0; i < P; ++i) {
+        const T ai = a[i];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+        for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+      }
     }
-  }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < P; ++i)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + i * 2 * N + v * N) = acc[i][v];
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + (i0 + i) * 2 * N + v * N) = acc[i][v];
+  }
 }
 
 // The reduction is cut into chunks of KC rows so that a chunk's B rows (KC x NR elements) stay in
@@ -171,32 +179,93 @@ PYECCV_INLINE void gemm_panel(int64_t L, int64_t rblocks, const T* A, const T* B
   if (L == 0) std::fill(tiles, tiles + rblocks * MR * nr, T(0));
 }
 
+// Forward micro-kernel, per kept channel: tile[i][j] (+)= sum_{ci in [c0, c1)} sum_{r < kk}
+// A_ci[r MR + i] B_ci[toff[r] + j] with A_ci = A + aoff[ci] (a kk x MR block) and B_ci = B + ci bstride.
+// The filter blocks are read where they lie - the panel-major filters of the call (aoff = kept
+// channel * kk MR) or the task's own packed panel (aoff = ci kk MR) - so large batches copy no
+// filters per task (at 16-pixel maps that copy was half of the forward), and the B rows of a
+// channel are a fixed tap pattern (toff): no per-row offset table.
+template <int NV, class T>
+PYECCV_INLINE void micro_chan(int64_t c0, int64_t c1, int64_t kk, const T* A, const int64_t* aoff, const T* B,
+                              int64_t bstride, const int64_t* toff, T* tile, bool accumulate) {
+  using V = typename Vec<T>::v;
+  constexpr int N = Vec<T>::N;
+  constexpr int P = rows_per_pass<NV>();
+  for (int i0 = 0; i0 < MR; i0 += P) {
+    V acc[P][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < P; ++i)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = accumulate ? *reinterpret_cast<const V*>(tile + (i0 + i) * 2 * N + v * N) : V{};
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const T* a = A + aoff[ci] + i0;
+      const T* bc = B + ci * bstride;
+#pragma GCC unroll 3
+      for (int64_t r = 0; r < kk; ++r) {
+        const T* b = bc + toff[r];
+        V bv[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * N);
+#pragma GCC unroll 8
+        for (int i = 0; i < P; ++i) {
+          const T ai = a[r * MR + i];
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < P; ++i)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + (i0 + i) * 2 * N + v * N) = acc[i][v];
+  }
+}
+
+// tiles[mb] = the panel's output rows of filter block mb (A of block mb at A + mb astride): the
+// channels in chunks of about KC reduction rows, so a chunk's B rows stay in L1 across the blocks.
+template <int NV, class T>
+PYECCV_INLINE void gemm_panel_chan(int64_t n, int64_t kk, int64_t mblocks, const T* A, int64_t astride,
+                                   const int64_t* aoff, const T* B, int64_t bstride, const int64_t* toff, T* tiles) {
+  constexpr int64_t nr = NR<T>;
+  const int64_t cc = std::max<int64_t>(1, KC / kk);
+  for (int64_t c0 = 0; c0 < n; c0 += cc) {
+    const int64_t c1 = std::min(n, c0 + cc);
+    for (int64_t mb = 0; mb < mblocks; ++mb)
+      micro_chan<NV>(c0, c1, kk, A + mb * astride, aoff, B, bstride, toff, tiles + mb * MR * nr, c0 > 0);
+  }
+  if (n == 0) std::fill(tiles, tiles + mblocks * MR * nr, T(0));
+}
+
 // tile[i][j] = sum_l A_i[l] B[l * ldb + j] with A_i = A + arow[i] (rows contiguous in l).
 template <class T>
 PYECCV_INLINE void micro_cols(int64_t L, const T* A, const int64_t* arow, const T* B, int64_t ldb, T* tile) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
-  V acc[MR][2];
-  const T* a[MR];
+  constexpr int P = rows_per_pass<2>();
+  for (int i0 = 0; i0 < MR; i0 += P) {
+    V acc[P][2];
+    const T* a[P];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = acc[i][1] = V{};
-    a[i] = A + arow[i];
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    const T* b = B + l * ldb;
-    const V b0 = *reinterpret_cast<const V*>(b), b1 = *reinterpret_cast<const V*>(b + N);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const T ai = a[i][l];
-      acc[i][0] += ai * b0;
-      acc[i][1] += ai * b1;
+    for (int i = 0; i < P; ++i) {
+      acc[i][0] = acc[i][1] = V{};
+      a[i] = A + arow[i0 + i];
     }
-  }
+    for (int64_t l = 0; l < L; ++l) {
+      const T* b = B + l * ldb;
+      const V b0 = *reinterpret_cast<const V*>(b), b1 = *reinterpret_cast<const V*>(b + N);
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    *reinterpret_cast<V*>(tile + i * 2 * N) = acc[i][0];
-    *reinterpret_cast<V*>(tile + i * 2 * N + N) = acc[i][1];
+      for (int i = 0; i < P; ++i) {
+        const T ai = a[i][l];
+        acc[i][0] += ai * b0;
+        acc[i][1] += ai * b1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < P; ++i) {
+      *reinterpret_cast<V*>(tile + (i0 + i) * 2 * N) = acc[i][0];
+      *reinterpret_cast<V*>(tile + (i0 + i) * 2 * N + N) = acc[i][1];
+    }
   }
 }
 
@@ -283,7 +352,7 @@ struct Scratch {
     planes = pooled<T>(1, g.direct && !backward ? g.keep * g.kw * g.fplane : g.keep * g.plane);
     tile = pooled<T>(2, std::max(g.co_a, round_up(g.keep, MR)) * nr);  // a panel's tiles (all row blocks)
     boff = pooled<int64_t>(1, std::max(K, g.co * g.kk) + MR);
-    roff = pooled<int64_t>(3, g.kk);
+    roff = pooled<int64_t>(3, 2 * g.kk);  // the second half: forward tap offsets when kk > 64
     for (int64_t r = 0; r < g.kk; ++r) roff[r] = (r / g.kw) * g.dh * g.Wp + (r % g.kw) * g.dw;
     if (!backward) {
       if (!g.direct) bpack = pooled<T>(3, K * nr + 64 / sizeof(T));
@@ -372,17 +441,19 @@ PYECCV_INLINE void task_forward(const Ctx<T>& c, int64_t bh, int64_t pan0, int64
     fill_shifted_planes(g, c.x + b * g.C * g.HW, sb, w.idx, n, w.planes, w.tmp);
   else
     fill_planes(g, c.x + b * g.C * g.HW, sb, w.idx, n, w.planes);
-  // A panels: ap[(mb K + k) MR + i] = W[h co + mb MR + i][idx[k / kk]][k % kk] (the kept columns only)
-  T* ap = w.apack;
+  // A: per (filter block mb, kept channel) one kk x MR block. Large batches read them in place from
+  // the panel-major filters of the call; small ones gather them into the task's panel
+  // ap[(mb n + ci) kk MR + r MR + i] = W[h co + mb MR + i][idx[ci]][r].
   const int64_t mblocks = g.co_a / MR, kkm = g.kk * MR;
-  if (c.wpan) {  // per kept channel one contiguous kk x MR block of the panel-major filters
-    for (int64_t mb = 0; mb < mblocks; ++mb) {
-      const T* src = c.wpan + (h * mblocks + mb) * g.C * kkm;
-      T* d = ap + mb * K * MR;
-      for (int64_t ci = 0; ci < n; ++ci) copy_short(src + w.idx[ci] * kkm, kkm, d + ci * kkm);
-    }
-  } else {  // small batches: gather from the 8 filter rows of each block, 8 taps at a time by an
-            // 8 x 8 transpose in registers (scalar strided stores cost ~2 cycles an element)
+  int64_t* aoff = w.boff;  // per kept channel: offset of its block within a filter block's A
+  const T* A;
+  int64_t astride;
+  if (c.wpan) {
+    A = c.wpan + h * mblocks * g.C * kkm, astride = g.C * kkm;
+    for (int64_t ci = 0; ci < n; ++ci) aoff[ci] = w.idx[ci] * kkm;
+  } else {  // gather from the 8 filter rows of each block, 8 taps at a time by an 8 x 8 transpose in
+            // registers (scalar strided stores cost ~2 cycles an element)
+    T* ap = w.apack;
     for (int64_t mb = 0; mb < mblocks; ++mb) {
       const T* rows[MR];  // a partial block repeats its last row: those tile rows are never stored
       for (int64_t i = 0; i < MR; ++i) rows[i] = c.w + (h * g.co + std::min(mb * MR + i, g.co - 1)) * g.C * g.kk;
@@ -396,33 +467,37 @@ PYECCV_INLINE void task_forward(const Ctx<T>& c, int64_t bh, int64_t pan0, int64
           for (int64_t i = 0; i < MR; ++i) dc[r * MR + i] = rows[i][off + r];
       }
     }
+    A = ap, astride = K * MR;
+    for (int64_t ci = 0; ci < n; ++ci) aoff[ci] = ci * kkm;
   }
-  int64_t* boff = w.boff;
-  for (int64_t ci = 0, k = 0; ci < n; ++ci)
-    for (int64_t dy = 0; dy < g.kh; ++dy)
-      for (int64_t dx = 0; dx < g.kw; ++dx, ++k)
-        boff[k] = g.direct ? (ci * g.kw + dx) * g.fplane + dy * g.dh * g.Wo : ci * g.plane + w.roff[k - ci * g.kk];
+  // B rows of kept channel ci, tap r: stride 1: row dx of its shifted planes, dy rows down (read
+  // in place); strided: row ci kk + r of the panel's gathered block
+  int64_t toff[64];
+  int64_t* tap = g.kk <= 64 ? toff : w.roff + g.kk;
+  for (int64_t r = 0; r < g.kk; ++r)
+    tap[r] = g.direct ? (r % g.kw) * g.fplane + (r / g.kw) * g.dh * g.Wo : r * nr;
   T* outb = c.out + b * g.Co * g.HoWo;
   T* tile = w.tile;
   for (int64_t pan = pan0; pan < pan1; ++pan) {
     const int64_t n0 = pan * nr, nv = std::min(nr, g.P - n0);  // output pixels n0 .. n0 + nv - 1
-    const T* Bb = w.planes + n0;  // stride 1: the B rows are rows of the shifted planes, read in place
-    const int64_t* bo = boff;
+    const T* Bb = w.planes + n0;
+    int64_t bstride = g.kw * g.fplane;
     if (!g.direct) {  // strided: gather the panel's B rows into a sequential K x NR block
       T* bp = align64(w.bpack);
       const int64_t* go = c.goff + n0;
-      for (int64_t k = 0; k < K; ++k) {
-        const T* pl = w.planes + boff[k];
-        T* row = bp + k * nr;
-        for (int64_t j = 0; j < nv; ++j) row[j] = pl[go[j]];
-        for (int64_t j = nv; j < nr; ++j) row[j] = T(0);
-      }
-      Bb = bp, bo = nullptr;
+      for (int64_t ci = 0, k = 0; ci < n; ++ci)
+        for (int64_t r = 0; r < g.kk; ++r, ++k) {
+          const T* pl = w.planes + ci * g.plane + w.roff[r];
+          T* row = bp + k * nr;
+          for (int64_t j = 0; j < nv; ++j) row[j] = pl[go[j]];
+          for (int64_t j = nv; j < nr; ++j) row[j] = T(0);
+        }
+      Bb = bp, bstride = g.kk * nr;
     }
     if (nv > Vec<T>::N)
-      gemm_panel<2>(K, mblocks, ap, Bb, bo, tile);
-    else  // a panel of at most 16 (8) pixels: half the tile
-      gemm_panel<1>(K, mblocks, ap, Bb, bo, tile);
+      gemm_panel_chan<2>(n, g.kk, mblocks, A, astride, aoff, Bb, bstride, tap, tile);
+    else  // a panel of at most one vector of pixels: half the tile
+      gemm_panel_chan<1>(n, g.kk, mblocks, A, astride, aoff, Bb, bstride, tap, tile);
     for (int64_t m = 0; m < g.co; ++m) copy_short(tile + m * nr, nv, outb + (m * g.heads + h) * g.HoWo + n0);
   }
 }
@@ -547,14 +622,14 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
   }
 }
 
-PYECCV_CPU_CLONES void fwd_f32(const Ctx<float>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<float>& w) {
+void fwd_f32(const Ctx<float>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<float>& w) {
   task_forward(c, bh, p0, p1, w);
 }
-PYECCV_CPU_CLONES void bwd_f32(const Ctx<float>& c, int64_t bh, Scratch<float>& w) { task_backward(c, bh, w); }
-PYECCV_CPU_CLONES void fwd_f64(const Ctx<double>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<double>& w) {
+void bwd_f32(const Ctx<float>& c, int64_t bh, Scratch<float>& w) { task_backward(c, bh, w); }
+void fwd_f64(const Ctx<double>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<double>& w) {
   task_forward(c, bh, p0, p1, w);
 }
-PYECCV_CPU_CLONES void bwd_f64(const Ctx<double>& c, int64_t bh, Scratch<double>& w) { task_backward(c, bh, w); }
+void bwd_f64(const Ctx<double>& c, int64_t bh, Scratch<double>& w) { task_backward(c, bh, w); }
 PYECCV_INLINE void fwd(const Ctx<float>& c, int64_t bh, int64_t p0, int64_t p1, Scratch<float>& w) {
   fwd_f32(c, bh, p0, p1, w);
 }
@@ -672,7 +747,10 @@ void run_forward(const DynGroupConvProblem& p, void* out, int num_threads) {
     Scratch<T> w(g, false);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t bh = t / chunks, ch = t % chunks;
+      // head-major: consecutive tasks share a head's filters (C co kk of them), which then stay
+      // in L2 instead of cycling through all heads' from L3
+      const int64_t hb = t / chunks, ch = t % chunks;
+      const int64_t bh = (hb % g.B) * g.heads + hb / g.B;
       const int64_t p0 = ch * per, p1 = std::min(g.panels, p0 + per);
       if (p0 < p1) fwd(c, bh, p0, p1, w);
     }
@@ -763,4 +841,4 @@ void dgc_backward_cpu(const DynGroupConvProblem& p, const void* g_out, void* d_x
   else run_backward<float>(p, g_out, d_x, d_weight, d_saliency, num_threads);
 }
 
-}  // namespace pyeccv
+PYECCV_ISA_END

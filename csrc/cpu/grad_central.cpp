@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/vmath.h"
 #include "pyeccv/grad_central.h"
 
@@ -14,7 +15,7 @@
 #include <omp.h>
 #endif
 
-namespace pyeccv {
+PYECCV_ISA_BEGIN
 namespace {
 
 // ---- storage types ----------------------------------------------------------------------------
@@ -225,10 +226,9 @@ PYECCV_INLINE void adam_item(const GcTensorRef& t, int64_t b, int64_t e, const G
   }
 }
 
-// The per-block work, compiled for AVX-512 / AVX2 / baseline and picked at load time (kept out
-// of the OpenMP region: outlined parallel bodies do not inherit a clone's target).
+// The per-block work, one function per parameter type.
 #define PYECCV_GC_ITEM(NAME, FN, P, H)                                                \
-  PYECCV_CPU_CLONES void NAME(const GcTensorRef& t, int64_t b, int64_t e, const H& h) { \
+  void NAME(const GcTensorRef& t, int64_t b, int64_t e, const H& h) { \
     FN<P>(t, b, e, h);                                                                   \
   }
 PYECCV_GC_ITEM(sgd_item_f32, sgd_item, float, GcSgdHyper)
@@ -287,4 +287,4 @@ void gc_adam_cpu(const GcTensorRef* ts, int64_t n, DType dt, const GcAdamHyper& 
   throw std::invalid_argument("gc_adam_cpu: unsupported dtype");
 }
 
-}  // namespace pyeccv
+PYECCV_ISA_END

@@ -1,10 +1,11 @@
 // CPU Smooth-AP: one query at a time (OpenMP over queries), one pass over the similarity row per
 // positive. The per-query work is branch-free vectorised loops (vmath::exp), compiled for
-// AVX-512 / AVX2 / baseline and dispatched by the CPU (PYECCV_CPU_CLONES).
+// AVX-512 / AVX2 / baseline (common/isa.h) and picked at run time (cpu/isa.cpp, PYECCV_CPU_ISA).
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/vmath.h"
 #include "pyeccv/smooth_ap.h"
 
@@ -12,7 +13,7 @@
 #include <omp.h>
 #endif
 
-namespace pyeccv {
+PYECCV_ISA_BEGIN
 namespace {
 
 void check(const SmoothApProblem& p) {
@@ -151,10 +152,10 @@ PYECCV_INLINE void query_grad(const SmoothApProblem& p, int64_t q, T grad_ap, T*
   for (int64_t k = 0; k < n; ++k) out[k] = c * acc[k];
 }
 
-PYECCV_CPU_CLONES float query_ap_f32(const SmoothApProblem& p, int64_t q, Scratch<float>& w) {
+float query_ap_f32(const SmoothApProblem& p, int64_t q, Scratch<float>& w) {
   return query_ap<float>(p, q, w);
 }
-PYECCV_CPU_CLONES void query_grad_f32(const SmoothApProblem& p, int64_t q, float g, float* out, Scratch<float>& w) {
+void query_grad_f32(const SmoothApProblem& p, int64_t q, float g, float* out, Scratch<float>& w) {
   query_grad<float>(p, q, g, out, w);
 }
 double query_ap_f64(const SmoothApProblem& p, int64_t q, Scratch<double>& w) { return query_ap<double>(p, q, w); }
@@ -207,4 +208,4 @@ void smooth_ap_backward_cpu(const SmoothApProblem& p, const void* grad_ap, void*
     backward(p, static_cast<const float*>(grad_ap), static_cast<float*>(dsim), num_threads, query_grad_f32);
 }
 
-}  // namespace pyeccv
+PYECCV_ISA_END

@@ -7,13 +7,13 @@
 // g_j w_j from the ray's end (alpha input: the reverse recurrence of pyeccv/volume_render.h), and
 // one vector pass for d sigma.
 // Every sample of a ray is written (zeros past an early stop), so callers need not zero outputs.
-// Hot loops are compiled for AVX-512 / AVX2 / baseline and picked by the CPU (PYECCV_CPU_CLONES);
-// the OpenMP region stays outside the cloned functions (an outlined OpenMP body is not cloned).
+// The file is compiled for AVX-512 / AVX2 / baseline (common/isa.h), picked at run time (cpu/isa.cpp).
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/vmath.h"
 #include "pyeccv/volume_render.h"
 
@@ -21,7 +21,7 @@
 #include <omp.h>
 #endif
 
-namespace pyeccv {
+PYECCV_ISA_BEGIN
 namespace {
 
 // exp(-x); float: the polynomial on a clamped argument, 0 below -87 (where expf is denormal)
@@ -392,7 +392,7 @@ PYECCV_INLINE void run_chunk(const Ctx<T>& c, Kind kind, int64_t r0, int64_t r1,
   }
 }
 
-PYECCV_CPU_CLONES void chunk_f32(const Ctx<float>& c, Kind kind, int64_t r0, int64_t r1, Scratch<float>& w) {
+void chunk_f32(const Ctx<float>& c, Kind kind, int64_t r0, int64_t r1, Scratch<float>& w) {
   run_chunk<float>(c, kind, r0, r1, w);
 }
 void chunk_f64(const Ctx<double>& c, Kind kind, int64_t r0, int64_t r1, Scratch<double>& w) {
@@ -597,4 +597,4 @@ int64_t vr_check_packed(const int64_t* packed_info, int64_t rays, int64_t sample
   return bad;
 }
 
-}  // namespace pyeccv
+PYECCV_ISA_END
