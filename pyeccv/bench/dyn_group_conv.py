@@ -3,7 +3,8 @@ saliency-gated multi-head 3x3 convolution (padding 1, 4 heads, C_out = C_in) at 
 0.5 (keep = gate * C input channels per head), at B=64, C=256, 14x14; B=64, C=128, 28x28 and
 B=1, C=256, 14x14 (plus the small maps of a CIFAR DGC-ResNet-18: B=64, C=256, 8x8 and C=512,
 4x4, gate 0.25); the whole DGC layer (BN, ReLU, saliency heads, conv) in eval mode at the final
-pruning level; and forward + backward of the op at B=64, C=128, 28x28, gate 0.25.
+pruning level; forward at B=8, C=256, 14x14 and C=512, 4x4 at gate 0.5 too; and forward + backward
+of the op at B=64, C=128, 28x28; B=8, C=256, 14x14; B=1, C=256, 14x14 and B=64, C=512, 4x4, gate 0.25.
 
 Implementations, on the same float32 inputs (saliency >= 0 with some zeros, as a ReLU output):
 - official-masked (the reference): the official computation (hellozhuo/dgc layers.py): one masked
@@ -210,6 +211,12 @@ CASES = [
     # small maps: layers 3 and 4 of the official-width DGC-ResNet-18 on 32 x 32 (CIFAR) inputs
     _fwd_case(64, 256, 8, 0.25, quick=False),
     _fwd_case(64, 512, 4, 0.25, quick=False),
+    _fwd_case(64, 512, 4, 0.5, quick=False),
+    _fwd_case(8, 256, 14, 0.25, quick=False),
+    _fwd_case(8, 256, 14, 0.5, quick=False),
     _layer_case(64, 256, 14, 0.25, quick=True),
     _fwd_bwd_case(64, 128, 28, 0.25, quick=True),
+    _fwd_bwd_case(8, 256, 14, 0.25, quick=False),
+    _fwd_bwd_case(1, 256, 14, 0.25, quick=False),
+    _fwd_bwd_case(64, 512, 4, 0.25, quick=False),
 ]
