@@ -1,7 +1,8 @@
 """Regenerates the CPU tables of README.md and benchmarks/RESULTS.md from a bench JSON file.
 
-    python benchmarks/update_docs.py benchmarks/results/cpu-2026-11-27.json [more.json ...]
-Later files override earlier ones case by case. The tables sit between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers.
+    python benchmarks/update_docs.py benchmarks/results/cpu-2026-12-03-isa-dgc.json [more.json ...]
+Later files override earlier ones case by case (and CPU variant by variant: rows of `bench --isa`
+carry `isa`; the summary gets one column group per variant, the full tables one row per variant). The tables sit between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers.
 """
 import json
 import re
@@ -10,8 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-HEAD = ("| case | dev | impl | ms | p20-p80 | vs ref | vs best peer | GB/s | floor ms | peak MB | check |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+HEAD = ("| case | dev | isa | impl | ms | p20-p80 | vs ref | vs best peer | GB/s | floor ms | peak MB | check |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+ISAS = ("avx512", "avx2", "baseline")
 
 
 def f(x):
@@ -24,9 +26,9 @@ def full_table(rows, core):
         if r["core"] != core:
             continue
         spread = "-" if r["ms_p20"] is None else f"{r['ms_p20']:.3g}-{r['ms_p80']:.3g}"
-        out.append(f"| {r['case']} | {r['device']} | {r['impl']} | {f(r['ms'])} | {spread} | "
+        out.append(f"| {r['case']} | {r['device']} | {r.get('isa') or '-'} | {r['impl']} | {f(r['ms'])} | {spread} | "
                    f"{f(r['vs_ref'])} | {f(r['vs_peer'])} | {f(r['gbps'])} | {f(r['floor_ms'])} | "
-                   f"{f(r['peak_mb'])} | {r['status']} |")
+                   f"{f(r['peak_mb'])} | {r['status']}{' (BEATS FLOOR)' if r.get('beats_floor') else ''} |")
     return "\n".join(out)
 
 
@@ -57,20 +59,22 @@ SUMMARY = [
     ("cond_mask_head", "fwd+bwd-N8-I500-100x136", "CondInst mask head fwd+bwd, 500 inst, 100x136", "adelaidet", None),
     # DGC: the "best peer" column shows the dense conv2d (a baseline, not a peer: the issue's
     # yardstick), and "x peer" is dense time / pyeccv time (see summary())
-    ("dyn_group_conv", "fwd-B64-C256-14x14-g0.25", "DGC 3x3 conv B=64 C=256 14x14 gate 0.25", "official-masked",
-     "dense"),
-    ("dyn_group_conv", "fwd-B64-C256-14x14-g0.5", "DGC 3x3 conv B=64 C=256 14x14 gate 0.5", "official-masked",
-     "dense"),
-    ("dyn_group_conv", "fwd-B64-C128-28x28-g0.25", "DGC 3x3 conv B=64 C=128 28x28 gate 0.25", "official-masked",
-     "dense"),
-    ("dyn_group_conv", "fwd-B1-C256-14x14-g0.25", "DGC 3x3 conv B=1 C=256 14x14 gate 0.25", "official-masked",
-     "dense"),
-    ("dyn_group_conv", "fwd-B64-C512-4x4-g0.25", "DGC 3x3 conv B=64 C=512 4x4 gate 0.25 (small map)",
-     "official-masked", "dense"),
-    ("dyn_group_conv", "layer-B64-C256-14x14-g0.25", "DGC layer (eval) B=64 C=256 14x14 gate 0.25",
-     "official-masked", "dense"),
-    ("dyn_group_conv", "fwd+bwd-B64-C128-28x28-g0.25", "DGC 3x3 conv fwd+bwd B=64 C=128 28x28 gate 0.25",
-     "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C256-14x14-g0.25", "DGC 3x3 conv B=64 C=256 14x14 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C256-14x14-g0.5", "DGC 3x3 conv B=64 C=256 14x14 gate 0.5", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C128-28x28-g0.25", "DGC 3x3 conv B=64 C=128 28x28 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C128-28x28-g0.5", "DGC 3x3 conv B=64 C=128 28x28 gate 0.5", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B8-C256-14x14-g0.25", "DGC 3x3 conv B=8 C=256 14x14 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B8-C256-14x14-g0.5", "DGC 3x3 conv B=8 C=256 14x14 gate 0.5", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B1-C256-14x14-g0.25", "DGC 3x3 conv B=1 C=256 14x14 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B1-C256-14x14-g0.5", "DGC 3x3 conv B=1 C=256 14x14 gate 0.5", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C256-8x8-g0.25", "DGC 3x3 conv B=64 C=256 8x8 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C512-4x4-g0.25", "DGC 3x3 conv B=64 C=512 4x4 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd-B64-C512-4x4-g0.5", "DGC 3x3 conv B=64 C=512 4x4 gate 0.5", "official-masked", "dense"),
+    ("dyn_group_conv", "layer-B64-C256-14x14-g0.25", "DGC layer (eval) B=64 C=256 14x14 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd+bwd-B64-C128-28x28-g0.25", "DGC fwd+bwd B=64 C=128 28x28 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd+bwd-B8-C256-14x14-g0.25", "DGC fwd+bwd B=8 C=256 14x14 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd+bwd-B1-C256-14x14-g0.25", "DGC fwd+bwd B=1 C=256 14x14 gate 0.25", "official-masked", "dense"),
+    ("dyn_group_conv", "fwd+bwd-B64-C512-4x4-g0.25", "DGC fwd+bwd B=64 C=512 4x4 gate 0.25", "official-masked", "dense"),
 ]
 PEER_NAME = {"nerfacc": "nerfacc", "lapx": "lapx", "pytorch-metric-learning": "PML", "torch AdamW fused (no GC)": "torch fused, no GC",
              "torch SGD fused (no GC)": "torch fused, no GC", "dense": "dense conv2d"}
@@ -78,24 +82,31 @@ MINE = {"hungarian": "pyeccv", "smooth_ap": "pyeccv", "grad_central": None}
 
 
 def summary(rows):
+    """One row per case; per CPU variant: pyeccv's ms, x ref and x peer (peers restricted to the same
+    instruction set as pyeccv in `bench --isa` runs)."""
     by = {}
     for r in rows:
-        by.setdefault((r["core"], r["case"]), {})[r["impl"]] = r
-    out = ["| case (CPU) | official / SciPy | best peer | pyeccv | x ref | x peer |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        by.setdefault((r["core"], r["case"], r.get("isa") or "-"), {})[r["impl"]] = r
+    isas = [i for i in ISAS if any(k[2] == i for k in by)] or ["-"]
+    out = ["| case (CPU) | " + " | ".join(f"{i}: ms | x ref | x peer" for i in isas) + " | peer |",
+           "| --- | " + " | ".join("---: | ---: | ---:" for _ in isas) + " | --- |"]
     for core, case, label, ref, peer in SUMMARY:
-        impls = by.get((core, case))
-        if not impls:
-            continue
-        mine = next(r for r in impls.values() if r["kind"] == "pyeccv")
-        rr, pr = impls.get(ref), impls.get(peer) if peer else None
-        ref_s = f(rr["ms"]) if rr and rr["ms"] else "- (cannot run)"
-        peer_s = f"{f(pr['ms'])} ({PEER_NAME[peer]})" if pr and pr["ms"] else "-"
-        vs_peer = mine["vs_peer"]
-        if pr and pr["kind"] != "peer" and pr["ms"] and mine["ms"]:  # a baseline in the peer column (DGC: dense)
-            vs_peer = pr["ms"] / mine["ms"]
-        out.append(f"| {label} | {ref_s} | {peer_s} | {f(mine['ms'])} | "
-                   f"{f(mine['vs_ref']) if mine['vs_ref'] else '-'} | {f(vs_peer) if vs_peer else '-'} |")
+        cells, have = [], False
+        for isa in isas:
+            impls = by.get((core, case, isa))
+            mine = next((r for r in impls.values() if r["kind"] == "pyeccv"), None) if impls else None
+            if not mine or not mine["ms"]:
+                cells.append("- | - | -")
+                continue
+            have = True
+            pr = impls.get(peer) if peer else None
+            vs_peer = mine["vs_peer"]
+            if pr and pr["kind"] != "peer" and pr["ms"]:  # a baseline in the peer column (DGC: dense)
+                vs_peer = pr["ms"] / mine["ms"]
+            vs_ref = mine["vs_ref"]
+            cells.append(f"{f(mine['ms'])} | {f(vs_ref) if vs_ref else '-'} | {f(vs_peer) if vs_peer else '-'}")
+        if have:
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {PEER_NAME.get(peer, '-') if peer else '-'} |")
     return "\n".join(out)
 
 
@@ -110,7 +121,7 @@ def main(paths):
     merged = {}
     for path in paths:
         for r in json.loads(Path(path).read_text())["results"]:
-            merged[(r["core"], r["case"], r["device"], r["impl"])] = r
+            merged[(r["core"], r["case"], r["device"], r["impl"], r.get("isa"))] = r
     rows = list(merged.values())
     readme = ROOT / "README.md"
     readme.write_text(replace(readme.read_text(), "summary", summary(rows)))

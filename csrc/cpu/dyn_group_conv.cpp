@@ -125,12 +125,46 @@ T* align64(T* p) {  // the next 64-byte boundary (buffers carry 64 bytes of slac
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
-// tile[i][j] (+)= sum_l A[l MR + i] B(l, j), B(l, j) = B[boff[l] + j]: A packed, B rows anywhere;
-// columns j < NV vectors (NV = 2: the full 32-column tile; NV = 1: a panel of at most 16 pixels).
-// The tile's row stride is NR either way.
+// Where a GEMM's A rows come from. PackedA: A[l MR + i] (a packed panel, one 8-row block after
+// another); RowPtrA: row i is rows[i] + a0, contiguous in l (the input gradient's filters read where
+// they lie, no per-task packing). pass<P>(i0) binds rows i0..i0+P-1 of the block for one pass.
+template <class T>
+struct PackedA {
+  const T* A;
+  template <int P>
+  struct Pass {
+    const T* a;
+    PYECCV_INLINE T operator()(int64_t l, int i) const { return a[l * MR + i]; }
+  };
+  template <int P>
+  PYECCV_INLINE Pass<P> pass(int i0) const { return {A + i0}; }
+  PYECCV_INLINE PackedA block(int64_t rb, int64_t L, int64_t l0) const { return {A + (rb * L + l0) * MR}; }
+};
+template <class T>
+struct RowPtrA {
+  const T* const* rows;
+  int64_t a0;
+  template <int P>
+  struct Pass {
+    const T* a[P];
+    PYECCV_INLINE T operator()(int64_t l, int i) const { return a[i][l]; }
+  };
+  template <int P>
+  PYECCV_INLINE Pass<P> pass(int i0) const {
+    Pass<P> q;
+#pragma GCC unroll 8
+    for (int i = 0; i < P; ++i) q.a[i] = rows[i0 + i] + a0;
+    return q;
+  }
+  PYECCV_INLINE RowPtrA block(int64_t rb, int64_t, int64_t l0) const { return {rows + rb * MR, a0 + l0}; }
+};
+
+// tile[i][j] (+)= sum_l A(l, i) B(l, j), B(l, j) = B[boff[l] + j]: A from a PackedA / RowPtrA, B rows
+// anywhere; columns j < NV vectors (NV = 2: the full 32-column tile; NV = 1: a panel of at most 16
+// pixels). The tile's row stride is NR either way.
 // boff == nullptr: B rows are sequential, NR apart (a packed panel): no table load per step.
-template <int NV, class T>
-PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* boff, T* tile, bool accumulate) {
+template <int NV, class T, class AS>
+PYECCV_INLINE void micro_rows(int64_t L, const AS& A, const T* B, const int64_t* boff, T* tile, bool accumulate) {
   using V = typename Vec<T>::v;
   constexpr int N = Vec<T>::N;
   constexpr int P = rows_per_pass<NV>();
@@ -141,16 +175,16 @@ PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* 
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v)
         acc[i][v] = accumulate ? *reinterpret_cast<const V*>(tile + (i0 + i) * 2 * N + v * N) : V{};
+    const auto a = A.template pass<P>(i0);
 #pragma GCC unroll 2
     for (int64_t l = 0; l < L; ++l) {
-      const T* a = A + l * MR + i0;
       const T* b = boff ? B + boff[l] : B + l * NR<T>;
       V bv[NV];
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * N);
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i) {
-        const T ai = a[i];
+        const T ai = a(l, i);
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
       }
@@ -166,14 +200,15 @@ PYECCV_INLINE void micro_rows(int64_t L, const T* A, const T* B, const int64_t* 
 // L1 while every 8-row block of A passes over them; tiles (rows x NR) accumulate across chunks.
 constexpr int64_t KC = 128;
 
-// tiles[rb][i][j] = sum_l A[(rb L + l) MR + i] B(l, j) for rb < rblocks (A: rblocks packed panels).
-template <int NV = 2, class T>
-PYECCV_INLINE void gemm_panel(int64_t L, int64_t rblocks, const T* A, const T* B, const int64_t* boff, T* tiles) {
+// tiles[rb][i][j] = sum_l A_rb(l, i) B(l, j) for rb < rblocks (A: a PackedA over rblocks packed
+// panels, or a RowPtrA over rblocks x MR row pointers).
+template <int NV = 2, class T, class AS>
+PYECCV_INLINE void gemm_panel(int64_t L, int64_t rblocks, const AS& A, const T* B, const int64_t* boff, T* tiles) {
   constexpr int64_t nr = NR<T>;
   for (int64_t l0 = 0; l0 < L; l0 += KC) {
     const int64_t ll = std::min(KC, L - l0);
     for (int64_t rb = 0; rb < rblocks; ++rb)
-      micro_rows<NV>(ll, A + (rb * L + l0) * MR, boff ? B : B + l0 * nr, boff ? boff + l0 : nullptr,
+      micro_rows<NV>(ll, A.block(rb, L, l0), boff ? B : B + l0 * nr, boff ? boff + l0 : nullptr,
                      tiles + rb * MR * nr, l0 > 0);
   }
   if (L == 0) std::fill(tiles, tiles + rblocks * MR * nr, T(0));
@@ -316,6 +351,7 @@ struct Ctx {
   const T* s;
   const int64_t* goff;   // strided forward: padded-plane offset of output pixel p (Ho * Wo)
   const T* wpan;         // forward, large batches: filters in panel-major order (see pack_filters)
+  const T* wtr;          // backward, large batches: per (head, channel) its co x kk filters (see transpose_filters)
   T* out;
   const T* gout;
   T* gx;                 // backward: s * d_plane per (b, h, slot) (B * heads * keep * HW)
@@ -344,6 +380,7 @@ struct Scratch {
   std::shared_ptr<T[]> dwt;
   std::shared_ptr<uint8_t[]> touched;
   int32_t* idx;
+  const T** arows = nullptr;  // backward: A row pointers of the input gradient (large batches)
   int64_t *aoff = nullptr, *boff, *dst = nullptr, *roff;  // aoff, dst: backward only
   Scratch(const Geo& g, bool backward) {
     const int64_t nr = NR<T>, K = g.keep * g.kk;
@@ -363,6 +400,7 @@ struct Scratch {
       gbuf = pooled<T>(5, g.co * g.gplane);
       gt = pooled<T>(6, g.L1 * g.co_b);
       apack = pooled<T>(4, round_up(g.keep, MR) * g.co * g.kk);
+      arows = reinterpret_cast<const T**>(pooled<uintptr_t>(0, round_up(g.keep, MR)));
       dwt.reset(new T[g.heads * g.C * g.kk * g.co_b]);
       touched.reset(new uint8_t[g.heads * g.C]());
     }
@@ -566,15 +604,26 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
   // input gradient: rows = kept channels, reduction (m, r), columns q over the interior rows
   T* ap = w.apack;
   const int64_t cpanels = (n + MR - 1) / MR;
+  // large batches: A rows read in place from the call's transposed filters (row of kept channel
+  // ci: wtr[(h C + idx[ci]) CK + m kk + r]); a partial panel repeats its last channel
+  const T** arows = w.arows;
+  if (c.wtr)
+    for (int64_t k = 0; k < cpanels * MR; ++k) arows[k] = c.wtr + (h * g.C + idx[std::min(k, n - 1)]) * CK;
   // ap[(cp CK + m kk + r) MR + i] = W[h co + m][idx[cp MR + i]][r]: row m of the head's filters is
-  // walked once, in channel order (the reads stream; the panel stays in cache)
-  std::fill(ap + (cpanels - 1) * CK * MR, ap + cpanels * CK * MR, T(0));  // the partial panel's pad
-  for (int64_t m = 0; m < g.co; ++m) {
+  // walked once, in channel order (the reads stream; the panel stays in cache); 8 channels x 8
+  // taps at a time by an 8 x 8 transpose in registers (scalar strided stores: ~2 cycles an
+  // element, as much as the GEMM at 4 x 4 maps). A partial panel repeats its last channel: those
+  // tile rows are never stored.
+  for (int64_t m = 0; m < g.co && !c.wtr; ++m) {
     const T* row = c.w + (h * g.co + m) * g.C * g.kk;
-    for (int64_t ci = 0; ci < n; ++ci) {
-      const T* src = row + idx[ci] * g.kk;
-      T* d = ap + ((ci / MR) * CK + m * g.kk) * MR + ci % MR;
-      for (int64_t r = 0; r < g.kk; ++r) d[r * MR] = src[r];
+    for (int64_t cp = 0; cp < cpanels; ++cp) {
+      const T* rows[MR];
+      for (int64_t i = 0; i < MR; ++i) rows[i] = row + idx[std::min(cp * MR + i, n - 1)] * g.kk;
+      T* d = ap + (cp * CK + m * g.kk) * MR;
+      int64_t r = 0;
+      for (; r + MR <= g.kk; r += MR) transpose8(rows, r, d + r * MR);
+      for (; r < g.kk; ++r)
+        for (int64_t i = 0; i < MR; ++i) d[r * MR + i] = rows[i][r];
     }
   }
   int64_t* boff = arow;  // B row (m, r): g1_m shifted back by the tap offset (table reused)
@@ -597,7 +646,10 @@ PYECCV_INLINE void task_backward(const Ctx<T>& c, int64_t bh, Scratch<T>& w) {
       if (xq == g.Wp) xq = 0, ++y;
     }
     x0 += nr, y0 += x0 / g.Wp, x0 %= g.Wp;  // the next panel's start (one division a panel)
-    gemm_panel(CK, cpanels, ap, gbuf + q0 + n0, boff, tile);
+    if (c.wtr)
+      gemm_panel(CK, cpanels, RowPtrA<T>{arows, 0}, gbuf + q0 + n0, boff, tile);
+    else
+      gemm_panel(CK, cpanels, PackedA<T>{ap}, gbuf + q0 + n0, boff, tile);
     for (int64_t cp = 0; cp < cpanels; ++cp) {
       const int64_t cv = std::min<int64_t>(MR, n - cp * MR);
       for (int64_t i = 0; i < cv; ++i) {
@@ -757,6 +809,19 @@ void run_forward(const DynGroupConvProblem& p, void* out, int num_threads) {
   }
 }
 
+// wtr[(h C + c) co kk + m kk + r] = W[h co + m][c][r]: per (head, input channel) its co x kk
+// filters contiguous, so the input gradient reads a kept channel's GEMM row in place. One pass over
+// the filters per call: used when the tasks' packing (B x keep / C of the filters) outweighs it.
+template <class T>
+void transpose_filters(const Geo& g, const T* w, T* wtr, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t hc = 0; hc < g.heads * g.C; ++hc) {
+    const int64_t h = hc / g.C, ch = hc % g.C;
+    T* d = wtr + hc * g.co * g.kk;
+    for (int64_t m = 0; m < g.co; ++m) copy_short(w + ((h * g.co + m) * g.C + ch) * g.kk, g.kk, d + m * g.kk);
+  }
+}
+
 template <class T>
 void run_backward(const DynGroupConvProblem& p, const void* g_out, void* d_x, void* d_weight, void* d_saliency,
                   int num_threads) {
@@ -780,6 +845,11 @@ void run_backward(const DynGroupConvProblem& p, const void* g_out, void* d_x, vo
   const int nt = threads_for(num_threads, tasks, 3.0 * g.B * g.Co * g.keep * g.kk * g.HoWo);
   std::vector<std::pair<std::shared_ptr<T[]>, std::shared_ptr<uint8_t[]>>> partials(static_cast<size_t>(nt));
   T* dx = static_cast<T*>(d_x);
+  if (g.B * g.keep >= 4 * g.C) {  // the calling thread's pool (slot 7: not used by Scratch)
+    T* wtr = pooled<T>(7, g.heads * g.co * g.C * g.kk);
+    transpose_filters(g, c.w, wtr, nt);
+    c.wtr = wtr;
+  }
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     Scratch<T> w(g, true);
