@@ -356,7 +356,7 @@ PYECCV_INLINE void weights_backward_ray(const Ctx<T>& c, int64_t, int64_t s0, in
 
 enum class Kind { kForward, kBackward, kWeights, kWeightsBackward };
 
-// One chunk of rays: the body the CPU clones are made of.
+// One chunk of rays (compiled per ISA variant with the rest of this file: common/isa.h).
 template <class T>
 PYECCV_INLINE void run_chunk(const Ctx<T>& c, Kind kind, int64_t r0, int64_t r1, Scratch<T>& w) {
   const int64_t* pi = c.p->packed_info;

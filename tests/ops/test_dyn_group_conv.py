@@ -34,6 +34,13 @@ CASES = [
     (12, 5, 24, 4, 4, 3, 2, 5, 1, 1, 1),
     (8, 6, 8, 9, 9, 3, 2, 3, 2, 1, 1),
     (4, 4, 6, 13, 12, 3, 2, 4, 1, 1, 1),
+    # B x keep >= 4 C and at most one vector of output pixels: the C++ small-map forward (output
+    # channels in the vector lanes; float64 P <= 8 / 4 / 2 on avx512 / avx2 / baseline), partial
+    # channel blocks, strided and dilated
+    (10, 6, 12, 2, 3, 3, 2, 3, 1, 1, 1),
+    (16, 5, 6, 1, 2, 3, 3, 5, 1, 1, 1),
+    (9, 4, 8, 5, 3, 3, 2, 2, 2, 1, 1),
+    (8, 4, 4, 4, 4, 3, 1, 2, 2, 2, 2),
 ]
 
 
