@@ -52,6 +52,28 @@ PYECCV_INLINE float exp_f32(float x) {
 
 PYECCV_INLINE double exp_f64(double x) { return std::exp(x); }
 
+// exp(x) - 1 for x in [-87, 88] (callers clamp); float. The same reduction as exp_f32, x = n ln2 + r
+// and exp(x) = 2^n (1 + q) with q = r + r^2 P(r), rearranged as 2^n q + (2^n - 1): for |x| < ln2/2
+// (n = 0) that is q itself, with no cancellation against the 1, so small x keeps full relative
+// precision (1 - exp(-x) computed as written loses log2(1/x) bits: 1e-5 relative at x = 1e-3).
+PYECCV_INLINE float expm1_f32(float x) {
+  const float kMagic = 12582912.0f;
+  const float t = x * 1.44269504088896341f + kMagic;
+  const float n = t - kMagic;
+  const int32_t ni = bits_of(t) - 0x4b400000;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float q = p * r * r + r;
+  const float s = float_of((ni + 127) << 23);
+  return s * q + (s - 1.0f);
+}
+PYECCV_INLINE double expm1_f64(double x) { return std::expm1(x); }
+
 // log(x) for positive normal floats (Cephes logf: frexp, one polynomial); within 2 ulp.
 PYECCV_INLINE float log_f32(float x) {
   const int32_t b = bits_of(x);
@@ -82,6 +104,8 @@ PYECCV_INLINE double log_f64(double x) { return std::log(x); }
 // `omp simd` loops, and the call then stopped vectorisation.
 PYECCV_INLINE float exp(float x) { return exp_f32(x); }
 PYECCV_INLINE double exp(double x) { return exp_f64(x); }
+PYECCV_INLINE float expm1(float x) { return expm1_f32(x); }
+PYECCV_INLINE double expm1(double x) { return expm1_f64(x); }
 PYECCV_INLINE float log(float x) { return log_f32(x); }
 PYECCV_INLINE double log(double x) { return log_f64(x); }
 

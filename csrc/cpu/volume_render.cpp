@@ -31,6 +31,12 @@ PYECCV_INLINE float exp_neg(float x) {
   return y > -87.0f ? e : 0.0f;
 }
 PYECCV_INLINE double exp_neg(double x) { return vmath::exp(-x); }
+// alpha = 1 - exp(-x) as -expm1(-x): full relative precision for small x (float: same clamp)
+PYECCV_INLINE float alpha_of(float x) {
+  const float y = -x;
+  return -vmath::expm1(y > -87.0f ? y : -87.0f);
+}
+PYECCV_INLINE double alpha_of(double x) { return -vmath::expm1(-x); }
 
 // Running sums along a ray are the only serial dependence. A plain loop waits one add latency
 // (4 cycles) a sample; these split the ray into four segments summed side by side (four
@@ -196,7 +202,7 @@ PYECCV_INLINE int64_t load_ray(const Ctx<T>& c, int64_t s0, int64_t n, Scratch<T
 #pragma omp simd
     for (int64_t i = 0; i <= n; ++i) tr[i] = exp_neg(tr[i]);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) a[i] = T(1) - exp_neg(a[i]);
+    for (int64_t i = 0; i < n; ++i) a[i] = alpha_of(a[i]);
     a_out = a;
   }
   int64_t k = n;

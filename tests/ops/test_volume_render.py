@@ -284,6 +284,18 @@ def test_dense_form_matches_dense_render(dtype, g):
         testing.assert_close(a, 1 - torch.exp(-tau), "elementwise", dtype, name="alphas")
 
 
+def test_small_alphas_keep_full_precision(g):
+    """alpha = 1 - exp(-tau) for tau down to 1e-7 (a thin sample): float32 alphas within a few ulp
+    of the float64 value, not the log2(1/tau) bits that 1 - exp(-tau) written out loses."""
+    tau = torch.logspace(-7, 1, 101, dtype=torch.float64)[torch.randperm(101, generator=g)]
+    s = tau.float().view(1, -1)
+    ts = torch.zeros_like(s)
+    te = torch.ones_like(s)
+    _, _, a = pyeccv.render_weights(s, ts, te)
+    exact = -torch.expm1(-s.double())
+    assert float(((a.double() - exact).abs() / exact).max()) < 4 * 2.0 ** -24 * 4
+
+
 # ---- render_weights -------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
