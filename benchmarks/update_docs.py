@@ -110,6 +110,90 @@ def summary(rows):
     return "\n".join(out)
 
 
+def dgc_targets(rows):
+    """DGC against issue 12's targets, per CPU variant: dense / pyeccv (>= 1 always, >= 2 at gate 0.25
+    and maps >= 8x8), pyeccv / ideal-subset (<= 1.5; forward cases only: the ideal has no backward
+    here), and torch-gather / pyeccv (auto must not be slower than the other correct path).
+    A cell is marked ** where a target is missed."""
+    by = {}
+    for r in rows:
+        if r["core"] == "dyn_group_conv" and r["device"] == "cpu":
+            by.setdefault((r["case"], r.get("isa") or "-"), {})[r["impl"]] = r["ms"]
+    isas = [i for i in ISAS if any(k[1] == i for k in by)] or ["-"]
+    out = ["| case | " + " | ".join(f"{i}: x dense | / ideal | x gather" for i in isas) + " |",
+           "| --- | " + " | ".join("---: | ---: | ---:" for _ in isas) + " |"]
+    for core, case, label, _, _ in SUMMARY:
+        if core != "dyn_group_conv":
+            continue
+        m = re.search(r"-(\d+)x\d+-g([\d.]+)$", case)
+        side, gate = int(m.group(1)), float(m.group(2))
+        cells = []
+        for isa in isas:
+            t = by.get((case, isa), {})
+            ours = t.get("pyeccv")
+            if not ours:
+                cells.append("- | - | -")
+                continue
+            need = 2.0 if gate <= 0.25 and side >= 8 else 1.0
+            xd = t["dense"] / ours if t.get("dense") else None
+            xi = ours / t["ideal-subset"] if t.get("ideal-subset") else None
+            xg = t["torch-gather"] / ours if t.get("torch-gather") else None
+            mark = lambda ok: "" if ok else " **"
+            cells.append(" | ".join([
+                "-" if xd is None else f"{xd:.2f}{mark(xd >= need)}",
+                "-" if xi is None else f"{xi:.2f}{mark(xi <= 1.5)}",
+                "-" if xg is None else f"{xg:.2f}{mark(xg >= 1.0)}"]))
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# Issue 12's targets for the other C++ cores: (label, core, case, numerator impl, denominator impl,
+# bound, ">=" | "<="): the ratio numerator time / denominator time against the bound.
+CORE_TARGETS = [
+    ("Hungarian batched vs SciPy loop (>= 2x)", "hungarian", "lsap-64x100x20", "scipy", "pyeccv", 2.0, ">="),
+    ("Hungarian batched vs SciPy loop (>= 2x)", "hungarian", "lsap-16x900x100", "scipy", "pyeccv", 2.0, ">="),
+    ("Hungarian batched vs SciPy loop (>= 2x)", "hungarian", "lsap-208x300x100", "scipy", "pyeccv", 2.0, ">="),
+    ("Hungarian batched vs SciPy loop (>= 2x)", "hungarian", "lsap-8x1000x1000", "scipy", "pyeccv", 2.0, ">="),
+    ("Hungarian 1000^2 vs SciPy (>= 1x)", "hungarian", "lsap-1x1000x1000", "scipy", "pyeccv", 1.0, ">="),
+    ("Hungarian 1000^2 vs lapx (>= 1x)", "hungarian", "lsap-1x1000x1000", "lapx", "pyeccv", 1.0, ">="),
+    ("Smooth-AP B=224 vs official (>= 30x)", "smooth_ap", "fwd+bwd-B224", "official", "pyeccv", 30.0, ">="),
+    ("GC Adam / torch fused AdamW (<= 1.1)", "grad_central", "adam-resnet50", "pyeccv Adam(gc)",
+     "torch AdamW fused (no GC)", 1.1, "<="),
+    ("volume_render vs dense torch (>= 4x)", "volume_render", "fwd+bwd-65536x64", "dense-torch", "pyeccv", 4.0, ">="),
+    ("volume_render vs dense torch (>= 4x)", "volume_render", "fwd+bwd-65536x192", "dense-torch", "pyeccv", 4.0, ">="),
+    ("volume_render vs dense torch (>= 4x)", "volume_render", "fwd+bwd-262144x64", "dense-torch", "pyeccv", 4.0, ">="),
+    ("volume_render vs dense torch (>= 4x)", "volume_render", "fwd+bwd-ragged262144", "dense-torch", "pyeccv", 4.0,
+     ">="),
+    ("CondInst head vs AdelaiDet (>= 5x)", "cond_mask_head", "fwd+bwd-N2-I100-100x168", "adelaidet", "pyeccv", 5.0,
+     ">="),
+    ("CondInst head vs AdelaiDet (>= 5x)", "cond_mask_head", "fwd+bwd-N8-I500-100x136", "adelaidet", "pyeccv", 5.0,
+     ">="),
+]
+
+
+def core_targets(rows):
+    """The other cores against issue 12's targets, one column per CPU variant; ** marks a miss."""
+    by = {}
+    for r in rows:
+        if r["device"] == "cpu":
+            by.setdefault((r["core"], r["case"], r.get("isa") or "-"), {})[r["impl"]] = r["ms"]
+    isas = [i for i in ISAS if any(k[2] == i for k in by)] or ["-"]
+    out = ["| target | case | " + " | ".join(isas) + " |", "| --- | --- | " + " | ".join("---:" for _ in isas) + " |"]
+    for label, core, case, num, den, bound, op in CORE_TARGETS:
+        cells = []
+        for isa in isas:
+            t = by.get((core, case, isa), {})
+            if not t.get(num) or not t.get(den):
+                cells.append("-")
+                continue
+            x = t[num] / t[den]
+            ok = x >= bound if op == ">=" else x <= bound
+            cells.append(f"{x:.2f}" + ("" if ok else " **"))
+        if any(c != "-" for c in cells):
+            out.append(f"| {label} | {case} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def replace(text, name, body):
     pat = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
     if not pat.search(text):
@@ -129,6 +213,9 @@ def main(paths):
     text = results.read_text()
     for core in ("hungarian", "smooth_ap", "grad_central", "volume_render", "cond_mask_head", "dyn_group_conv"):
         text = replace(text, core, full_table(rows, core))
+    for name, fn in (("dgc_targets", dgc_targets), ("core_targets", core_targets)):
+        if f"<!-- bench:{name} -->" in text:
+            text = replace(text, name, fn(rows))
     results.write_text(text)
 
 

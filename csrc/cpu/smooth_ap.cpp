@@ -56,7 +56,9 @@ PYECCV_INLINE SigSlope<T> sig(T d, T inv_tau) {
   const T e = -d * inv_tau;
   const T ec = std::min(std::max(e, T(-50)), T(50));
   const T sg = T(1) / (T(1) + vmath::exp(ec));
-  return {sg, e == ec ? sg * (T(1) - sg) * inv_tau : T(0)};  // e == ec: not clamped
+  // e == ec: not clamped. A multiply by the comparison, not a select: without AVX-512 masks GCC
+  // made the select a branch and the gradient loop stayed scalar on avx2 / baseline
+  return {sg, static_cast<T>(e == ec) * (sg * (T(1) - sg) * inv_tau)};
 }
 
 // 1 if item k is in Omega \ {j}, else 0. `excluded` is the query's own item in the paper
@@ -83,7 +85,7 @@ PYECCV_INLINE Sums row_sums(const SmoothApProblem& p, const T* s, T sj, int64_t 
   for (int64_t k = 0; k < n; ++k) {
     const SigSlope<T> v = sig(s[k] - sj, inv_tau);
     const T in_all = in_omega<T>(k, j, excluded);
-    const T in_pos = lab[k] == label ? in_all : T(0);
+    const T in_pos = static_cast<T>(lab[k] == label) * in_all;
     b += in_all * v.sg;
     a += in_pos * v.sg;
     if (kSlopes) {
@@ -143,7 +145,7 @@ PYECCV_INLINE void query_grad(const SmoothApProblem& p, int64_t q, T grad_ap, T*
     for (int64_t k = 0; k < n; ++k) {
       const SigSlope<T> v = sig(s[k] - sja, inv_tau);
       const T in_all = in_omega<T>(k, j, excluded);
-      const T in_pos = lab[k] == label ? in_all : T(0);
+      const T in_pos = static_cast<T>(lab[k] == label) * in_all;
       acc[k] += (al * in_pos - be * in_all) * v.slope;
     }
   }

@@ -25,10 +25,12 @@ PYECCV_ISA_BEGIN
 namespace {
 
 // exp(-x); float: the polynomial on a clamped argument, 0 below -87 (where expf is denormal)
+// (the zeroing is a multiply by the comparison, not a select: GCC turned the select into a branch
+// without AVX-512 masks, and the loop then stayed scalar on avx2 and baseline)
 PYECCV_INLINE float exp_neg(float x) {
   const float y = -x;
   const float e = vmath::exp(y > -87.0f ? y : -87.0f);
-  return y > -87.0f ? e : 0.0f;
+  return e * static_cast<float>(y > -87.0f);
 }
 PYECCV_INLINE double exp_neg(double x) { return vmath::exp(-x); }
 // alpha = 1 - exp(-x) as -expm1(-x): full relative precision for small x (float: same clamp)
