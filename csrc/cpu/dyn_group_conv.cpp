@@ -311,16 +311,59 @@ PYECCV_INLINE void micro_cv(int64_t c0, int64_t c1, int64_t kk, const T* Wc, con
     for (int v = 0; v < 2; ++v) *reinterpret_cast<V*>(tt + p * co_t + v * N) = acc[p][v];
 }
 
+// micro_cv for R output rows of Q consecutive pixels at unit horizontal stride (pixel i Q + j at
+// offset off0 + i rstride + j): the broadcasts address one row pointer with constant displacements,
+// where the generic kernel keeps PR pixel offsets (more than the 16 general registers: GCC reloads
+// some from the stack, and adds each to the tap offset with an lea per broadcast).
+template <int R, int Q, class T>
+PYECCV_INLINE void micro_cv_rows(int64_t c0, int64_t c1, int64_t kk, const T* Wc, const int64_t* aoff,
+                                 int64_t co_t, const T* B, int64_t bstride, const int64_t* toff, int64_t off0,
+                                 int64_t rstride, T* tt, bool accumulate) {
+  using V = typename Vec<T>::v;
+  constexpr int N = Vec<T>::N;
+  constexpr int PR = R * Q;
+  V acc[PR][2];
+#pragma GCC unroll 8
+  for (int p = 0; p < PR; ++p)
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) acc[p][v] = accumulate ? *reinterpret_cast<const V*>(tt + p * co_t + v * N) : V{};
+  for (int64_t ci = c0; ci < c1; ++ci) {
+    const T* a = Wc + aoff[ci];
+    const T* bc = B + ci * bstride + off0;
+#pragma GCC unroll 3
+    for (int64_t r = 0; r < kk; ++r) {
+      const T* b = bc + toff[r];
+      const V w0 = *reinterpret_cast<const V*>(a + r * co_t), w1 = *reinterpret_cast<const V*>(a + r * co_t + N);
+#pragma GCC unroll 2
+      for (int i = 0; i < R; ++i) {
+        const T* bi = b + i * rstride;
+#pragma GCC unroll 8
+        for (int j = 0; j < Q; ++j) {
+          const T bp = bi[j];
+          acc[i * Q + j][0] += bp * w0;
+          acc[i * Q + j][1] += bp * w1;
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < PR; ++p)
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) *reinterpret_cast<V*>(tt + p * co_t + v * N) = acc[p][v];
+}
+
 // The variant's pixel block: 8 (32 vector registers: 16 accumulators) or 4 (16 registers).
 constexpr int kCvPR = PYECCV_VEC_REGS >= 32 ? 8 : 4;
 
 // tt[p][m] = output pixel p (< P), channel m (< co_t) of one (b, h): per 2-vector channel block, the
 // kept channels in chunks of about KC reduction rows (the chunk's filter rows stay in L1 across the
 // pixel blocks), pixels in blocks of kCvPR, then 4, 2, 1 (no reads past the last pixel).
+// rows4: output rows of exactly 4 pixels at unit horizontal stride, rstride elements apart (row
+// blocks of micro_cv_rows: 4 x 4 maps on AVX-512, 1..2 x 4 on AVX2).
 template <class T>
 PYECCV_INLINE void gemm_cv(int64_t n, int64_t kk, int64_t P, int64_t co_t, const T* W, const int64_t* aoff,
                            const T* B, int64_t bstride, const int64_t* toff, const int64_t* poff, int64_t mlo,
-                           int64_t mhi, T* tt) {
+                           int64_t mhi, T* tt, bool rows4, int64_t rstride) {
   constexpr int64_t cw = 2 * Vec<T>::N;
   const int64_t cc = std::max<int64_t>(1, KC / kk);
   if (n == 0) {
@@ -332,6 +375,15 @@ PYECCV_INLINE void gemm_cv(int64_t n, int64_t kk, int64_t P, int64_t co_t, const
       const int64_t c1 = std::min(n, c0 + cc);
       const bool acc = c0 > 0;
       int64_t p = 0;
+      if (rows4) {
+        constexpr int RB = kCvPR / 4;  // rows a block
+        for (; p + 4 * RB <= P; p += 4 * RB)
+          micro_cv_rows<RB, 4>(c0, c1, kk, W + m0, aoff, co_t, B, bstride, toff, poff[p], rstride,
+                               tt + p * co_t + m0, acc);
+        for (; p + 4 <= P; p += 4)
+          micro_cv_rows<1, 4>(c0, c1, kk, W + m0, aoff, co_t, B, bstride, toff, poff[p], rstride,
+                              tt + p * co_t + m0, acc);
+      }
       for (; p + kCvPR <= P; p += kCvPR)
         micro_cv<kCvPR>(c0, c1, kk, W + m0, aoff, co_t, B, bstride, toff, poff + p, tt + p * co_t + m0, acc);
       if (kCvPR > 4 && p + 4 <= P)
@@ -628,7 +680,8 @@ PYECCV_INLINE void task_forward_cv(const Ctx<T>& c, int64_t bh, int64_t mlo, int
   int64_t* aoff = w.boff;
   for (int64_t ci = 0; ci < n; ++ci) aoff[ci] = (h * g.C + w.idx[ci]) * g.kk * g.co_t;
   T* tt = w.tile;
-  gemm_cv(n, g.kk, g.P, g.co_t, c.wcv, aoff, w.planes, stride, w.roff, c.goff, mlo, mhi, tt);
+  gemm_cv(n, g.kk, g.P, g.co_t, c.wcv, aoff, w.planes, stride, w.roff, c.goff, mlo, mhi, tt,
+          g.Wo == 4 && g.sw == 1, g.sh * g.Wp);
   T* outb = c.out + b * g.Co * g.HoWo;
   for (int64_t m = mlo; m < std::min(mhi, g.co); ++m) {
     T* d = outb + (m * g.heads + h) * g.HoWo;

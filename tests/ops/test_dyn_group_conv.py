@@ -44,6 +44,10 @@ CASES = [
     # ... larger batches and more channels (samples with few kept channels, 2 and 4 heads)
     (17, 40, 12, 2, 2, 3, 2, 13, 1, 1, 1),
     (20, 64, 8, 1, 2, 3, 4, 20, 1, 1, 1),
+    # rows of 4 output pixels at unit horizontal stride (the row-pointer small-map kernel; float64
+    # on avx512, float32 on avx2), one with vertical stride 2
+    (9, 4, 8, 2, 4, 3, 2, 2, 1, 1, 1),
+    (9, 5, 6, 3, 4, 3, 3, 3, (2, 1), 1, 1),
 ]
 
 
@@ -188,6 +192,20 @@ def test_only_kept_channels_reach_the_conv(g):
         out = ops._forward_torch(x, w, s, keep, [1, 1], [1, 1], [1, 1])
     testing.assert_close(out, op(x, w, s, keep, 1, 1, 1), "reduction", torch.float32)
     assert mode.seen == [(B * heads * keep, B * heads)]
+
+
+# float32 on the small-map forward (its float32 tiles differ from float64's: 16 pixels on avx512,
+# 8 on avx2): 4 x 4 maps, rows of 4 pixels, strided rows, and maps that are not 4 wide
+@pytest.mark.parametrize("case", [(12, 5, 24, 4, 4, 3, 2, 5, 1, 1, 1), (9, 4, 8, 2, 4, 3, 2, 2, 1, 1, 1),
+                                  (9, 5, 6, 3, 4, 3, 3, 3, (2, 1), 1, 1), (16, 5, 6, 1, 2, 3, 3, 5, 1, 1, 1),
+                                  (17, 40, 12, 3, 3, 3, 2, 13, 1, 1, 1)], ids=lambda c: "x".join(map(str, c)))
+def test_small_maps_float32(case, g):
+    B, C, Co, H, W, k, heads, keep, st, pad, dil = case
+    x, w, s = make(B, C, Co, H, W, k, heads, g, dtype=torch.float32)
+    want = ref.masked_dyn_group_conv2d(x.double(), w.double(), s.double(), keep, st, pad, dil)
+    with testing.poisoned():
+        out = op(x, w, s, keep=keep, stride=st, padding=pad, dilation=dil)
+    testing.assert_close(out, want, "reduction", torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
